@@ -1,0 +1,251 @@
+"""Chelsea's Chunked Soft Matching: the torch reference.
+
+Per chunk of ``C`` tokens and per KV head, similar post-RoPE keys are merged into
+size-weighted centroids, round after round, until the chunk keeps ``target`` slots or
+no pair is similar enough. See ``docs/chelsea-matching.md`` for the full rules; in short,
+one round is:
+
+1. *Eligible* tokens = current survivors that are not protected. Ranked by position
+   among the eligible, even ranks form set A and odd ranks set B (alternating partition).
+2. Similarity = cosine of the current centroid keys (post-RoPE), A rows x B columns.
+   Each A token takes its most similar B token (ties: lowest position wins).
+3. Candidates = A tokens whose best similarity is ``>= min_similarity``. The
+   ``r = min(quota(count), count - target)`` candidates with the highest similarity are
+   merged (ties: lowest position wins), where ``quota(count) =
+   max(1, floor(round_fraction * count))`` and ``count`` is the chunk's survivor count.
+   Several A tokens may join one B token ("soft" matching).
+4. The B token becomes the size-weighted mean of itself and the A tokens that joined
+   it (K and V); sizes add up. Survivors keep their positions, so output order is the
+   original positional order.
+
+The computation is batched over chunks and heads; only the rounds are a Python loop.
+Everything is computed in float32 and returned in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["MergeResult", "chunked_soft_matching", "round_quota_table", "NORM_EPS"]
+
+#: Keys are divided by ``max(||k||, NORM_EPS)`` before the cosine similarity.
+NORM_EPS = 1e-12
+
+
+@dataclass
+class MergeResult:
+    """Output of one Chunked Soft Matching call over ``N`` chunks and ``H`` heads.
+
+    Attributes:
+        keys: ``[N, H, M, D]`` centroid keys in positional order, input dtype; ``M`` is the
+            largest kept count over all (chunk, head); padding slots are zero.
+        values: ``[N, H, M, Dv]`` centroid values, laid out like ``keys``.
+        sizes: ``[N, H, M]`` float32, how many original tokens (in units of the input
+            sizes) each slot stands for; 0 for padding slots.
+        num_kept: ``[N, H]`` int64, how many slots each (chunk, head) kept.
+        assignment: ``[N, H, C]`` int64, the output slot of every input token.
+    """
+
+    keys: Tensor
+    values: Tensor
+    sizes: Tensor
+    num_kept: Tensor
+    assignment: Tensor
+
+
+def round_quota_table(chunk_size: int, round_fraction: float) -> list[int]:
+    """Per-round merge quota ``max(1, floor(round_fraction * count))`` for count 0..C.
+
+    Computed once in Python (double precision) so that the torch reference and the
+    Triton kernel use exactly the same integers.
+    """
+    if not round_fraction > 0:
+        raise ValueError(f"round_fraction must be > 0, got {round_fraction}")
+    return [max(1, math.floor(round_fraction * c)) for c in range(chunk_size + 1)]
+
+
+def check_merge_args(
+    keys: Tensor,
+    values: Tensor,
+    sizes: Optional[Tensor],
+    target: int,
+    protected: Optional[Tensor],
+) -> None:
+    """Validate the shapes shared by the reference and the Triton wrapper."""
+    if keys.dim() != 4 or values.dim() != 4:
+        raise ValueError("keys and values must be [N, H, C, D]")
+    if keys.shape[:3] != values.shape[:3]:
+        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ")
+    n, h, c, _ = keys.shape
+    if sizes is not None and tuple(sizes.shape) != (n, h, c):
+        raise ValueError(f"sizes must be [N, H, C] = {(n, h, c)}, got {tuple(sizes.shape)}")
+    if protected is not None and tuple(protected.shape) != (n, c):
+        raise ValueError(f"protected must be [N, C] = {(n, c)}, got {tuple(protected.shape)}")
+    if target < 1:
+        raise ValueError(f"target must be >= 1, got {target}")
+    if sizes is not None and not bool((sizes > 0).all()):
+        raise ValueError("sizes must be > 0 (a padding slot of size 0 cannot be merged)")
+
+
+def chunked_soft_matching(
+    keys: Tensor,
+    values: Tensor,
+    sizes: Optional[Tensor] = None,
+    *,
+    target: int,
+    round_fraction: float,
+    min_similarity: float,
+    protected: Optional[Tensor] = None,
+    max_rounds: Optional[int] = None,
+) -> MergeResult:
+    """Merge similar tokens of every chunk and head into size-weighted centroids.
+
+    Args:
+        keys: ``[N, H, C, D]`` post-RoPE keys (N chunks, H KV heads, C tokens per chunk).
+        values: ``[N, H, C, Dv]`` values.
+        sizes: ``[N, H, C]`` positive weights of the input tokens (default all 1), e.g.
+            when re-merging slots that are already centroids.
+        target: stop merging a (chunk, head) once it keeps at most this many slots.
+        round_fraction: per round at most ``max(1, floor(round_fraction * count))`` A
+            tokens merge, ``count`` being the survivors of that chunk and head.
+        min_similarity: pairs with cosine similarity below this never merge.
+        protected: ``[N, C]`` bool, tokens that never merge (neither as A nor as B),
+            shared by all heads.
+        max_rounds: optional cap on the number of rounds (default: until no change).
+
+    Returns:
+        A :class:`MergeResult`; slots are in positional order of their B token.
+    """
+    check_merge_args(keys, values, sizes, target, protected)
+    n, h, c, d = keys.shape
+    dev = keys.device
+    quota_table = torch.tensor(round_quota_table(c, round_fraction), device=dev)
+
+    size = (
+        torch.ones(n, h, c, device=dev, dtype=torch.float32)
+        if sizes is None
+        else sizes.to(torch.float32).clone(memory_format=torch.contiguous_format)
+    )
+    # Weighted sums (fresh contiguous float32 copies, updated in place): the centroid is
+    # ksum / size, and its direction (all that cosine needs) is the direction of ksum.
+    ksum = (keys.to(torch.float32) * size[..., None]).contiguous()
+    vsum = (values.to(torch.float32) * size[..., None]).contiguous()
+    alive = torch.ones(n, h, c, device=dev, dtype=torch.bool)
+    prot = (
+        torch.zeros(n, 1, c, device=dev, dtype=torch.bool)
+        if protected is None
+        else protected.to(torch.bool)[:, None, :]
+    )
+    pos = torch.arange(c, device=dev)
+    root = pos.expand(n, h, c).clone()  # current surviving slot of each input token
+    inf = float("inf")
+
+    # Row offsets turn [N, H, W] positions into row numbers of the [N*H*C, D] views
+    # (index_select / index_add_ on rows are much faster than gather / scatter on CPU).
+    row_base = (torch.arange(n * h, device=dev) * c).view(n, h, 1)
+    k_rows, v_rows, s_rows = ksum.view(-1, d), vsum.view(-1, vsum.shape[-1]), size.view(-1)
+
+    rounds = 0
+    while max_rounds is None or rounds < max_rounds:
+        eligible = alive & ~prot
+        parity = (torch.cumsum(eligible, dim=-1) - 1) % 2
+        a_idx, a_valid = _positions_of(eligible & (parity == 0), pos)
+        b_idx, b_valid = _positions_of(eligible & (parity == 1), pos)
+        if b_idx.shape[-1] == 0:
+            break
+
+        ka = _normalized(_select_rows(k_rows, a_idx + row_base))
+        kb = _normalized(_select_rows(k_rows, b_idx + row_base))
+        sim = torch.matmul(ka, kb.transpose(-1, -2)).masked_fill_(~b_valid[..., None, :], -inf)
+        best, best_j = sim.max(dim=-1)  # first maximum = lowest B position
+        partner = b_idx.gather(2, best_j)
+
+        count = alive.sum(dim=-1)
+        quota = torch.minimum(quota_table[count], (count - target).clamp_min(0))
+        candidate = a_valid & (best > -inf) & (best >= min_similarity)
+        score = torch.where(candidate, best, -inf)
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, _arange_like(order))
+        sel_a = candidate & (rank < quota[..., None])  # ties: lowest A position first
+        if not bool(sel_a.any()):
+            break
+
+        # Every selected A slot moves its weighted sums into its B partner.
+        src = (a_idx + row_base)[sel_a]
+        dst = (partner + row_base)[sel_a]
+        for acc in (k_rows, v_rows, s_rows):
+            moved = acc.index_select(0, src)
+            acc.index_fill_(0, src, 0.0)
+            acc.index_add_(0, dst, moved)
+
+        alive.view(-1).index_fill_(0, src, False)
+        target_of = pos.expand(n, h, c).scatter(2, a_idx, torch.where(sel_a, partner, a_idx))
+        root = target_of.gather(2, root)
+        rounds += 1
+
+    return _compact(keys.dtype, values.dtype, ksum, vsum, size, alive, root)
+
+
+def _positions_of(mask: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions where ``mask`` is set, in increasing order, padded to the batch maximum.
+
+    Returns ``(idx, valid)`` of shape ``[N, H, W]`` with ``W = max(mask.sum(-1))``; the
+    padding entries hold distinct positions where ``mask`` is False (``valid`` False), so
+    ``idx`` never repeats a position within a row.
+    """
+    width = int(mask.sum(dim=-1).max())
+    key = torch.where(mask, pos, pos + mask.shape[-1])
+    idx = torch.sort(key, dim=-1).indices[..., :width]
+    return idx, mask.gather(2, idx)
+
+
+def _select_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """Rows ``rows`` (``[N, H, W]`` row numbers) of ``x`` (``[R, D]``) -> ``[N, H, W, D]``."""
+    return x.index_select(0, rows.reshape(-1)).view(*rows.shape, x.shape[-1])
+
+
+def _normalized(x: Tensor) -> Tensor:
+    """``x / max(||x||, NORM_EPS)`` along the last dimension."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def _arange_like(idx: Tensor) -> Tensor:
+    """``0..W-1`` broadcast to the shape of ``idx`` (``[..., W]``)."""
+    return torch.arange(idx.shape[-1], device=idx.device).expand_as(idx)
+
+
+def _compact(
+    k_dtype: torch.dtype,
+    v_dtype: torch.dtype,
+    ksum: Tensor,
+    vsum: Tensor,
+    size: Tensor,
+    alive: Tensor,
+    root: Tensor,
+) -> MergeResult:
+    """Gather the surviving slots, in positional order, into a padded MergeResult."""
+    n, h, c, _ = ksum.shape
+    num_kept = alive.sum(dim=-1)
+    m = int(num_kept.max())
+    slot = torch.cumsum(alive, dim=-1) - 1
+    src = alive.view(-1).nonzero().squeeze(1)  # surviving rows, in (n, h, position) order
+    dst = (slot + (torch.arange(n * h, device=ksum.device) * m).view(n, h, 1)).view(-1)[src]
+    out_size = size.view(-1).index_select(0, src)
+
+    def compact_rows(x: Tensor, dtype: torch.dtype) -> Tensor:
+        rows = x.view(-1, x.shape[-1]).index_select(0, src) / out_size[:, None]
+        out = x.new_zeros(n * h * m, x.shape[-1]).index_copy_(0, dst, rows)
+        return out.view(n, h, m, -1).to(dtype)
+
+    return MergeResult(
+        keys=compact_rows(ksum, k_dtype),
+        values=compact_rows(vsum, v_dtype),
+        sizes=size.new_zeros(n * h * m).index_copy_(0, dst, out_size).view(n, h, m),
+        num_kept=num_kept,
+        assignment=slot.gather(2, root),
+    )

@@ -1,0 +1,39 @@
+"""The attention backend interface (SGLang's AttentionBackend)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch
+
+
+class AttentionBackend(ABC):
+    """Attention over the paged KV pool.
+
+    Queries and new keys/values arrive as ``[T, heads, head_dim]`` (keys post-RoPE).
+    The backend writes the new K/V into the pool at ``forward_batch.out_cache_loc`` and
+    attends each request's queries to the slots listed in its ``req_to_token`` row:
+    the cached prefix (with each slot's log-weight added to its logit, per KV head) and
+    the new tokens causally.
+    """
+
+    def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
+        """Prepare per-batch metadata once, before the layers run."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                forward_batch: ForwardBatch, scaling: float) -> torch.Tensor:
+        if forward_batch.forward_mode.is_decode():
+            return self.forward_decode(q, k, v, layer_id, forward_batch, scaling)
+        return self.forward_extend(q, k, v, layer_id, forward_batch, scaling)
+
+    @abstractmethod
+    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                       forward_batch: ForwardBatch, scaling: float) -> torch.Tensor:
+        """Prefill: returns ``[T, q_heads, head_dim]``."""
+
+    @abstractmethod
+    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                       forward_batch: ForwardBatch, scaling: float) -> torch.Tensor:
+        """One token per request: returns ``[B, q_heads, head_dim]``."""

@@ -1,0 +1,500 @@
+"""Scheduler: continuous batching with chunked prefill, radix prefix reuse and retraction.
+
+One ``step()`` = receive nothing (requests are pushed with ``add_request``), pick the next
+batch (a prefill batch first, else a decode step of the running batch, retracting
+requests when the KV pool runs short), run it, process the results, return outputs.
+The same object serves the offline Engine (in-process) and the server (in a subprocess).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any, Optional
+
+import torch
+
+from sglang_chelsea.managers.io_struct import ReqOutput, TokenizedGenerateReqInput
+from sglang_chelsea.managers.schedule_batch import Req
+from sglang_chelsea.managers.schedule_policy import SchedulePolicy
+from sglang_chelsea.mem_cache.radix_cache import RadixCache
+from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+from sglang_chelsea.model_executor.model_runner import ModelRunner
+from sglang_chelsea.managers.token_processor import collect_input_logprobs, sample_batch
+from sglang_chelsea.sampling.sampler import Sampler, make_generator
+from sglang_chelsea.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Owns the model runner, the pools and the radix cache; batches requests."""
+
+    def __init__(self, server_args: ServerArgs, model_runner: Optional[ModelRunner] = None) -> None:
+        self.server_args = server_args
+        self.model_runner = model_runner or ModelRunner(server_args)
+        mr = self.model_runner
+        self.model_config = mr.model_config
+        self.tokenizer = mr.tokenizer
+        self.context_len = mr.context_len
+        self.req_to_token_pool = mr.req_to_token_pool
+        self.allocator = mr.token_to_kv_pool_allocator
+        self.token_to_kv_pool = mr.token_to_kv_pool
+        self.max_total_num_tokens = mr.max_total_num_tokens
+        self.page_size = server_args.effective_page_size
+        self.tree_cache = RadixCache(self.req_to_token_pool, self.allocator, self.page_size,
+                                     disable=server_args.disable_radix_cache)
+        self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache)
+        self.sampler = Sampler()
+        self.eos_token_ids = list(self.model_config.eos_token_ids)
+        self.max_running_requests = min(server_args.max_running_requests,
+                                        self.req_to_token_pool.size)
+        chunk = server_args.chunked_prefill_size
+        self.chunked_prefill_size = None if chunk in (None, -1) else chunk
+        self.max_req_input_len = min(self.context_len - 1, self.max_total_num_tokens - 1)
+        self.kv_compressor: Any = None  # set by the compression policy (Chelsea)
+        self.waiting_queue: list[Req] = []
+        self.running: list[Req] = []
+        self.chunked_req: Optional[Req] = None
+        self.outputs: list[ReqOutput] = []
+        self.forward_ct = 0
+        self.num_generated_tokens = 0
+        self.last_decode_stats_time = time.monotonic()
+        self.last_gen_throughput = 0.0
+
+    # ------------------------------------------------------------------ requests in
+    def validate(self, tokenized: TokenizedGenerateReqInput) -> None:
+        """Raise ValueError naming the problem with a request (before it is queued)."""
+        ids = tokenized.input_ids
+        if len(ids) == 0:
+            raise ValueError("the prompt is empty (input_ids has no tokens)")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or t < 0 or t >= vocab]
+        if bad:
+            raise ValueError(f"input_ids contains token id {bad[0]!r} outside the vocabulary "
+                             f"[0, {vocab})")
+        if len(ids) > self.max_req_input_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, more than the maximum "
+                             f"{self.max_req_input_len} (context length {self.context_len})")
+        tokenized.sampling_params.verify(vocab)
+        if tokenized.logprob_start_len >= len(ids):
+            raise ValueError(f"logprob_start_len ({tokenized.logprob_start_len}) must be less "
+                             f"than the prompt length ({len(ids)})")
+        if tokenized.top_logprobs_num < 0:
+            raise ValueError("top_logprobs_num must be >= 0")
+
+    def add_request(self, tokenized: TokenizedGenerateReqInput) -> None:
+        """Validate and queue a request (raises ValueError on bad input)."""
+        self.validate(tokenized)
+        req = Req(tokenized, self.eos_token_ids)
+        if tokenized.sampling_params.seed is not None:
+            req.generator = make_generator(tokenized.sampling_params.seed)
+        self.waiting_queue.append(req)
+
+    def abort_request(self, rid: str, message: str = "aborted by request") -> None:
+        for i, req in enumerate(self.waiting_queue):
+            if req.rid == rid:
+                del self.waiting_queue[i]
+                if req.req_pool_idx is not None:  # a retracted request never holds a row
+                    self.tree_cache.cache_finished_req(req)
+                req.finished_reason = {"type": "abort", "message": message}
+                self._emit(req)
+                return
+        for req in self.running + ([self.chunked_req] if self.chunked_req else []):
+            if req.rid == rid:
+                req.to_abort = message
+
+    # ------------------------------------------------------------------ loop
+    def has_work(self) -> bool:
+        return bool(self.waiting_queue or self.running or self.chunked_req)
+
+    def step(self) -> list[ReqOutput]:
+        """Run one batch (if any) and return the outputs produced."""
+        self._finish_aborted()
+        batch = self.get_next_batch_to_run()
+        if batch is not None:
+            mode, reqs = batch
+            if mode is ForwardMode.EXTEND:
+                self.run_extend(reqs)
+            else:
+                self.run_decode(reqs)
+        out, self.outputs = self.outputs, []
+        return out
+
+    def _finish_aborted(self) -> None:
+        for req in list(self.running):
+            if req.to_abort is not None:
+                req.check_finished(self.context_len)
+                self.running.remove(req)
+                self._release_finished(req)
+        req = self.chunked_req
+        if req is not None and req.to_abort is not None:
+            req.check_finished(self.context_len)
+            self.chunked_req = None
+            self._release_finished(req)
+
+    def get_next_batch_to_run(self) -> Optional[tuple[ForwardMode, list[Req]]]:
+        prefill = self.get_new_batch_prefill()
+        if prefill:
+            return ForwardMode.EXTEND, prefill
+        if self.running:
+            decode = self.prepare_decode()
+            if decode:
+                return ForwardMode.DECODE, decode
+        return None
+
+    # ------------------------------------------------------------------ memory
+    def _alloc_slots(self, n: int) -> Optional[torch.Tensor]:
+        slots = self.allocator.alloc(n)
+        if slots is None:
+            self.tree_cache.evict(n - self.allocator.available_size())
+            slots = self.allocator.alloc(n)
+        return slots
+
+    def _available_slots(self) -> int:
+        return self.allocator.available_size() + self.tree_cache.evictable_size()
+
+    # ------------------------------------------------------------------ prefill
+    def get_new_batch_prefill(self) -> list[Req]:
+        """Admit a prefill batch under the token budgets; chunk the last request if needed."""
+        budget = self.server_args.max_prefill_tokens
+        chunk_budget = self.chunked_prefill_size or budget
+        budget = min(budget, chunk_budget) if self.chunked_prefill_size else budget
+        batch: list[Req] = []
+        # Keep room for one decode token per running request.
+        reserve = len(self.running)
+        if self.chunked_req is not None:
+            req = self.chunked_req
+            self.chunked_req = None
+            if self._schedule_extend(req, budget, reserve):
+                batch.append(req)
+                budget -= req.extend_input_len
+            else:  # cannot continue now: keep it for the next step
+                self.chunked_req = req
+                return []
+        if not self.waiting_queue:
+            return batch
+        self.policy.calc_priority(self.waiting_queue)
+        while self.waiting_queue and budget > 0 and self.chunked_req is None:
+            if len(self.running) + len(batch) >= self.max_running_requests:
+                break
+            req = self.waiting_queue[0]
+            if not self._admit(req):
+                break
+            if not self._schedule_extend(req, budget, reserve + len(batch)):
+                self._unadmit(req)
+                break
+            self.waiting_queue.pop(0)
+            batch.append(req)
+            budget -= req.extend_input_len
+        return batch
+
+    def _admit(self, req: Req) -> bool:
+        """Give a waiting request a row and its cached prefix (locked)."""
+        idx = self.req_to_token_pool.alloc()
+        if idx is None:
+            return False
+        req.req_pool_idx = idx
+        key = req.seq_ids()[: req.max_prefix_len()]
+        match = self.tree_cache.match_prefix(key)
+        logical = len(match.page_lens) * self.page_size
+        self.tree_cache.record_hit(len(req.origin_input_ids), logical)
+        row = self.req_to_token_pool.req_to_token[idx]
+        row[: match.physical_len] = match.value.to(row.dtype)
+        self.tree_cache.inc_lock_ref(match.last_node)
+        req.last_node = match.last_node
+        req.logical_len = req.tree_len = logical
+        req.physical_len = req.tree_phys_len = match.physical_len
+        req.page_lens = list(match.page_lens)
+        req.compressed_pages = len(match.page_lens) if self.kv_compressor is not None else 0
+        if req.cached_tokens is None:
+            req.cached_tokens = logical
+        return True
+
+    def _unadmit(self, req: Req) -> None:
+        self.tree_cache.dec_lock_ref(req.last_node)
+        self.req_to_token_pool.free(req.req_pool_idx)
+        req.reset_kv_state()
+
+    def _schedule_extend(self, req: Req, budget: int, reserve: int) -> bool:
+        """Pick this step's extend length and allocate its slots."""
+        remaining = req.seq_len() - req.logical_len
+        n = min(remaining, budget)
+        if n <= 0:
+            return False
+        if self._available_slots() < n + reserve:
+            n = self._available_slots() - reserve
+            if n <= 0 or (n < remaining and n < min(budget, 16)):
+                return False
+        slots = self._alloc_slots(n)
+        if slots is None:
+            return False
+        row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
+        row[req.physical_len: req.physical_len + n] = slots.to(row.dtype)
+        req.extend_input_len = n
+        return True
+
+    def run_extend(self, reqs: list[Req]) -> None:
+        input_ids, positions, locs = [], [], []
+        rows: list[int] = []
+        plans = []  # per request: (first logits row, rows for input logprobs, sample?)
+        offset = 0
+        table = self.req_to_token_pool.req_to_token
+        for req in reqs:
+            a, n = req.logical_len, req.extend_input_len
+            seq = req.seq_ids()
+            input_ids.extend(seq[a:a + n])
+            positions.extend(range(a, a + n))
+            locs.append(table[req.req_pool_idx, req.physical_len:req.physical_len + n])
+            lp_rows: list[int] = []
+            if not req.input_logprobs_done:
+                last_pred = len(req.origin_input_ids) - 1  # positions predicting prompt tokens
+                lo = max(a, req.logprob_start_len)
+                lp_rows = [offset + p - a for p in range(lo, min(a + n, last_pred))]
+            sample = a + n == req.seq_len()
+            start = len(rows)
+            rows.extend(lp_rows)
+            if sample:
+                rows.append(offset + n - 1)
+            plans.append((start, len(lp_rows), sample))
+            offset += n
+        fb = ForwardBatch(
+            forward_mode=ForwardMode.EXTEND, batch_size=len(reqs),
+            input_ids=torch.tensor(input_ids, dtype=torch.int64),
+            positions=torch.tensor(positions, dtype=torch.int64),
+            out_cache_loc=torch.cat(locs).to(torch.int64),
+            req_pool_indices=[r.req_pool_idx for r in reqs],
+            seq_lens=[r.physical_len + r.extend_input_len for r in reqs],
+            extend_prefix_lens=[r.physical_len for r in reqs],
+            extend_seq_lens=[r.extend_input_len for r in reqs],
+            req_to_token_pool=self.req_to_token_pool, token_to_kv_pool=self.token_to_kv_pool,
+            attn_backend=self.model_runner.attn_backend,
+            # A middle chunk without logprobs needs no logits: compute one row only.
+            logits_rows=torch.tensor(rows or [0], dtype=torch.int64))
+        logits = self.model_runner.forward(fb)
+        self.forward_ct += 1
+        to_sample: list[Req] = []
+        sample_rows: list[int] = []
+        new_tokens = sum(r.extend_input_len for r in reqs)
+        for req, (start, n_lp, sample) in zip(reqs, plans):
+            a, n = req.logical_len, req.extend_input_len
+            if n_lp:
+                collect_input_logprobs(req, logits[start:start + n_lp], a)
+            req.logical_len += n
+            req.physical_len += n
+            req.extend_input_len = 0
+            if req.logical_len >= len(req.origin_input_ids) and not req.input_logprobs_done:
+                collect_input_logprobs(req, None, req.logical_len)
+            self._update_pages(req)
+            if sample:
+                if req.sampling_params.max_new_tokens == 0 or \
+                        len(req.output_ids) >= req.sampling_params.max_new_tokens:
+                    req.check_finished(self.context_len)
+                else:
+                    to_sample.append(req)
+                    sample_rows.append(start + n_lp)
+        self._compress_and_cache(reqs)
+        if to_sample:
+            sample_batch(self, to_sample, logits[torch.tensor(sample_rows)])
+        for req, (_, _, prefill_done) in zip(reqs, plans):
+            if req.finished():
+                self._release_finished(req)
+            elif not prefill_done:
+                self.chunked_req = req
+            else:
+                self.running.append(req)
+                self._emit(req)
+        self._log_prefill(reqs, new_tokens)
+
+    def _update_pages(self, req: Req) -> None:
+        """Account newly completed pages (raw: page_size slots each)."""
+        complete = req.logical_len // self.page_size
+        while len(req.page_lens) < complete:
+            req.page_lens.append(self.page_size)
+
+    def _compress_and_cache(self, reqs: list[Req]) -> None:
+        """Compress completed chunks (if a policy is on), then share completed pages."""
+        if self.kv_compressor is not None:
+            self.kv_compressor.compress_reqs(self, reqs)
+        for req in reqs:
+            if req.logical_len < req.seq_len() and not req.finished():
+                self.tree_cache.cache_unfinished_req(req)
+
+    # ------------------------------------------------------------------ decode
+    def prepare_decode(self) -> list[Req]:
+        """Give every running request one slot, retracting requests if the pool is short."""
+        need = len(self.running)
+        while need > 0 and self._available_slots() < need:
+            if not self.retract_one():
+                break
+            need = len(self.running)
+        if not self.running:
+            return []
+        slots = self._alloc_slots(len(self.running))
+        assert slots is not None, "decode slots must fit after retraction"
+        table = self.req_to_token_pool.req_to_token
+        for req, slot in zip(self.running, slots.tolist()):
+            table[req.req_pool_idx, req.physical_len] = slot
+        return list(self.running)
+
+    def retract_one(self) -> bool:
+        """Move the running request with the most decoding left back to the queue."""
+        if len(self.running) <= 1 and self._available_slots() == 0 and not self.running:
+            return False
+        if not self.running:
+            return False
+        victim = max(self.running, key=lambda r: (r.sampling_params.max_new_tokens
+                                                  - len(r.output_ids), -len(r.origin_input_ids)))
+        if len(self.running) == 1:
+            # The only request cannot even decode: the pool is smaller than one request.
+            self.running.remove(victim)
+            victim.to_abort = "the KV cache is too small to continue this request"
+            victim.check_finished(self.context_len)
+            self._release_finished(victim)
+            return True
+        self.running.remove(victim)
+        self.tree_cache.cache_finished_req(victim)
+        victim.reset_kv_state()
+        victim.num_retractions += 1
+        self.waiting_queue.insert(0, victim)
+        logger.info("Retracted request %s (KV pool short); %d running", victim.rid,
+                    len(self.running))
+        return True
+
+    def run_decode(self, reqs: list[Req]) -> None:
+        table = self.req_to_token_pool.req_to_token
+        rows = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
+        phys = torch.tensor([r.physical_len for r in reqs], dtype=torch.int64)
+        fb = ForwardBatch(
+            forward_mode=ForwardMode.DECODE, batch_size=len(reqs),
+            input_ids=torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.int64),
+            positions=torch.tensor([r.logical_len for r in reqs], dtype=torch.int64),
+            out_cache_loc=table[rows, phys].to(torch.int64),
+            req_pool_indices=[r.req_pool_idx for r in reqs],
+            seq_lens=[r.physical_len + 1 for r in reqs],
+            extend_prefix_lens=[r.physical_len for r in reqs],
+            extend_seq_lens=[1] * len(reqs),
+            req_to_token_pool=self.req_to_token_pool, token_to_kv_pool=self.token_to_kv_pool,
+            attn_backend=self.model_runner.attn_backend)
+        logits = self.model_runner.forward(fb)
+        self.forward_ct += 1
+        for req in reqs:
+            req.logical_len += 1
+            req.physical_len += 1
+            self._update_pages(req)
+        if self.kv_compressor is not None:
+            self.kv_compressor.compress_reqs(self, reqs)
+        sample_batch(self, reqs, logits)
+        for req in reqs:
+            if req.finished():
+                self.running.remove(req)
+                self._release_finished(req)
+            elif req.stream:
+                self._emit(req)
+        self.num_generated_tokens += len(reqs)
+        self._log_decode(reqs)
+
+    # ------------------------------------------------------------------ outputs
+    def _release_finished(self, req: Req) -> None:
+        if req.req_pool_idx is not None:
+            self.tree_cache.cache_finished_req(req)
+            req.reset_kv_state()
+        self._emit(req)
+
+    def _emit(self, req: Req) -> None:
+        """Queue a ReqOutput with what is new since the last one (if anything)."""
+        new_ids = req.output_ids[req.sent_output_len:]
+        if not req.finished() and not (req.stream and new_ids):
+            return
+        out = ReqOutput(
+            rid=req.rid, new_output_ids=new_ids, finished_reason=req.finished_reason,
+            prompt_tokens=len(req.origin_input_ids), completion_tokens=len(req.output_ids),
+            cached_tokens=req.cached_tokens or 0)
+        if req.return_logprob:
+            if not req.sent_input_logprobs and req.input_logprobs_done:
+                out.input_token_logprobs = req.input_token_logprobs
+                if req.top_logprobs_num:
+                    out.input_top_logprobs = req.input_top_logprobs
+                req.sent_input_logprobs = True
+            out.output_token_logprobs = req.output_token_logprobs[req.sent_output_len:]
+            if req.top_logprobs_num:
+                out.output_top_logprobs = req.output_top_logprobs[req.sent_output_len:]
+        req.sent_output_len = len(req.output_ids)
+        self.outputs.append(out)
+
+    # ------------------------------------------------------------------ cache control
+    def flush_cache(self) -> bool:
+        """Drop the radix cache; refused while requests are queued or running."""
+        if self.has_work():
+            return False
+        self.tree_cache.reset()
+        self.allocator.clear()
+        self.req_to_token_pool.clear()
+        if self.kv_compressor is not None:
+            self.kv_compressor.reset()
+        self.token_to_kv_pool.uniform_weights = self.kv_compressor is None
+        return True
+
+    # ------------------------------------------------------------------ stats
+    def kv_cache_stats(self) -> dict[str, Any]:
+        free = self.allocator.available_size()
+        total = self.max_total_num_tokens
+        physical = total - free
+        logical = self.tree_cache.logical_size() + sum(
+            r.logical_len - r.tree_len for r in self._live_reqs())
+        stats = {
+            "total_slots": total,
+            "free_slots": free,
+            "used_slots": physical,
+            "logical_tokens": logical,
+            "physical_slots": physical,
+            "compression_ratio": (logical / physical) if physical else 1.0,
+            "radix_cache_slots": self.tree_cache.total_size(),
+            "evictable_slots": self.tree_cache.evictable_size(),
+            "cache_hit_rate": (self.tree_cache.hit_tokens / self.tree_cache.queried_tokens
+                               if self.tree_cache.queried_tokens else 0.0),
+        }
+        if self.kv_compressor is not None:
+            stats.update(self.kv_compressor.stats())
+        return stats
+
+    def _live_reqs(self) -> list[Req]:
+        reqs = list(self.running)
+        if self.chunked_req is not None:
+            reqs.append(self.chunked_req)
+        return reqs
+
+    def get_internal_state(self) -> dict[str, Any]:
+        return {
+            "max_total_num_tokens": self.max_total_num_tokens,
+            "max_req_input_len": self.max_req_input_len,
+            "context_length": self.context_len,
+            "num_running_reqs": len(self._live_reqs()),
+            "num_waiting_reqs": len(self.waiting_queue),
+            "kv_cache": self.kv_cache_stats(),
+            "last_gen_throughput": self.last_gen_throughput,
+        }
+
+    def _log_prefill(self, reqs: list[Req], new_tokens: int) -> None:
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        cached = sum(r.cached_tokens or 0 for r in reqs)
+        usage = 1 - self.allocator.available_size() / self.max_total_num_tokens
+        logger.info("Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, "
+                    "token usage: %.2f, #running-req: %d, #queue-req: %d", len(reqs), new_tokens,
+                    cached, usage, len(self.running), len(self.waiting_queue))
+
+    def _log_decode(self, reqs: list[Req]) -> None:
+        if self.forward_ct % 40 != 0:
+            return
+        now = time.monotonic()
+        self.last_gen_throughput = self.num_generated_tokens / max(now - self.last_decode_stats_time,
+                                                                   1e-6)
+        self.num_generated_tokens = 0
+        self.last_decode_stats_time = now
+        usage = 1 - self.allocator.available_size() / self.max_total_num_tokens
+        logger.info("Decode batch. #running-req: %d, #token: %d, token usage: %.2f, "
+                    "gen throughput (token/s): %.2f, #queue-req: %d", len(reqs),
+                    self.max_total_num_tokens - self.allocator.available_size(), usage,
+                    self.last_gen_throughput, len(self.waiting_queue))

@@ -1,0 +1,96 @@
+"""ModelRunner: loads the model, owns the KV pools, runs forward passes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+import torch
+
+from sglang_chelsea.attention.torch_backend import TorchNativeAttnBackend
+from sglang_chelsea.configs.model_config import ModelConfig
+from sglang_chelsea.mem_cache.memory_pool import (
+    MHATokenToKVPool,
+    ReqToTokenPool,
+    TokenToKVPoolAllocator,
+    kv_bytes_per_slot,
+)
+from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch
+from sglang_chelsea.model_loader import load_model, resolve_dtype
+from sglang_chelsea.models.llama import ARCHITECTURES
+from sglang_chelsea.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (falls back to total physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class ModelRunner:
+    """Model weights + KV pools + attention backend, on the CPU."""
+
+    def __init__(self, server_args: ServerArgs) -> None:
+        self.server_args = server_args
+        if server_args.num_threads:
+            torch.set_num_threads(server_args.num_threads)
+        torch.manual_seed(server_args.random_seed)
+        self.dtype = resolve_dtype(server_args.dtype)
+        t0 = time.perf_counter()
+        loaded = load_model(server_args.model_path, self.dtype,
+                            tokenizer_path=server_args.tokenizer_path,
+                            context_length=server_args.context_length)
+        self.model_path = loaded.model_path
+        self.model_config: ModelConfig = loaded.config
+        self.tokenizer = loaded.tokenizer
+        cfg = self.model_config
+        self.context_len = server_args.context_length or cfg.max_position_embeddings
+        if cfg.architecture not in ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {cfg.architecture!r}; "
+                             f"supported: {sorted(ARCHITECTURES)}")
+        with torch.device("meta"):
+            model = ARCHITECTURES[cfg.architecture](cfg, self.context_len + 1, self.dtype)
+        model.to(self.dtype)
+        model.load_weights(loaded.weights)
+        del loaded
+        self.model = model.eval()
+        logger.info("Loaded %s (%s, %d layers) in %.1f s", self.model_path, cfg.architecture,
+                    cfg.num_hidden_layers, time.perf_counter() - t0)
+        self._init_memory_pool()
+        self.attn_backend = TorchNativeAttnBackend()
+
+    def _init_memory_pool(self) -> None:
+        args, cfg = self.server_args, self.model_config
+        per_slot = kv_bytes_per_slot(cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                     cfg.head_dim, self.dtype)
+        if args.max_total_tokens is not None:
+            size = args.max_total_tokens
+        else:
+            size = int(available_memory_bytes() * args.mem_fraction_static) // per_slot
+            size = max(size, 16)
+        self.max_total_num_tokens = size
+        self.req_to_token_pool = ReqToTokenPool(args.max_running_requests + 1, self.context_len + 1)
+        self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(size)
+        self.token_to_kv_pool = MHATokenToKVPool(size, cfg.num_hidden_layers,
+                                                 cfg.num_key_value_heads, cfg.head_dim, self.dtype)
+        logger.info("KV pool: %d slots, %.1f MB", size, size * per_slot / 2**20)
+
+    @torch.inference_mode()
+    def forward(self, forward_batch: ForwardBatch) -> torch.Tensor:
+        """Run the model; return float32 logits for ``forward_batch.logits_rows``."""
+        self.attn_backend.init_forward_metadata(forward_batch)
+        hidden = self.model(forward_batch)
+        rows: Optional[torch.Tensor] = forward_batch.logits_rows
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)
+        return self.model.compute_logits(hidden)

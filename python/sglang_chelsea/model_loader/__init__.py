@@ -1,0 +1,21 @@
+"""Model loading: GGUF files and Hugging Face checkpoints into a ModelConfig, fp weights, tokenizer."""
+
+from sglang_chelsea.model_loader.default_model import default_model_path
+from sglang_chelsea.model_loader.loader import (
+    LoadedModel,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_path,
+)
+
+__all__ = [
+    "LoadedModel",
+    "default_model_path",
+    "load_model",
+    "load_model_config",
+    "load_tokenizer",
+    "resolve_dtype",
+    "resolve_model_path",
+]

@@ -1,0 +1,210 @@
+"""ServerArgs: every launch flag, with SGLang's names where SGLang has the concept."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+KV_COMPRESSION_CHOICES = ("none", "chelsea")
+
+
+@dataclass
+class ServerArgs:
+    """Arguments shared by ``launch_server`` and the offline ``Engine``.
+
+    Field names are the snake_case form of the command-line flags
+    (``--max-total-tokens`` -> ``max_total_tokens``).
+    """
+
+    # Model and tokenizer
+    model_path: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    served_model_name: Optional[str] = None
+    chat_template: Optional[str] = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    context_length: Optional[int] = None
+    load_format: str = "auto"
+    trust_remote_code: bool = False
+    skip_tokenizer_init: bool = False
+
+    # HTTP server
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: Optional[str] = None
+    log_level: str = "info"
+    log_requests: bool = False
+
+    # Memory and scheduling
+    mem_fraction_static: float = 0.2
+    max_total_tokens: Optional[int] = None
+    max_running_requests: int = 64
+    max_prefill_tokens: int = 8192
+    chunked_prefill_size: int = 2048
+    page_size: int = 1
+    schedule_policy: str = "fcfs"
+    disable_radix_cache: bool = False
+    attention_backend: str = "torch"
+    random_seed: int = 0
+    num_threads: Optional[int] = None
+    tp_size: int = 1
+    dp_size: int = 1
+
+    # KV cache compression (this project's own)
+    kv_compression: str = "none"
+    chelsea_chunk_size: int = 128
+    chelsea_keep_ratio: float = 0.5
+    chelsea_round_fraction: float = 0.125
+    chelsea_min_similarity: float = 0.0
+    chelsea_sink_tokens: int = 4
+    chelsea_full_layers: int = 0
+    chelsea_size_bias: bool = True
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError naming the first invalid argument."""
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        if self.max_total_tokens is not None and self.max_total_tokens < 2:
+            raise ValueError("max_total_tokens must be >= 2")
+        if not 0.0 < self.mem_fraction_static <= 1.0:
+            raise ValueError("mem_fraction_static must be in (0, 1]")
+        if self.max_running_requests < 1:
+            raise ValueError("max_running_requests must be >= 1")
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size != -1 \
+                and self.chunked_prefill_size < 1:
+            raise ValueError("chunked_prefill_size must be >= 1 (or -1 to disable)")
+        if self.max_prefill_tokens < 1:
+            raise ValueError("max_prefill_tokens must be >= 1")
+        if self.schedule_policy not in ("fcfs", "lpm"):
+            raise ValueError(f"schedule_policy must be fcfs or lpm, got {self.schedule_policy!r}")
+        if self.kv_compression not in KV_COMPRESSION_CHOICES:
+            raise ValueError(
+                f"kv_compression must be one of {KV_COMPRESSION_CHOICES}, got {self.kv_compression!r}")
+        if self.chelsea_chunk_size < 2:
+            raise ValueError("chelsea_chunk_size must be >= 2")
+        if not 0.0 < self.chelsea_keep_ratio <= 1.0:
+            raise ValueError("chelsea_keep_ratio must be in (0, 1]")
+        if not 0.0 < self.chelsea_round_fraction <= 0.5:
+            raise ValueError("chelsea_round_fraction must be in (0, 0.5]")
+        if not -1.0 <= self.chelsea_min_similarity <= 1.0:
+            raise ValueError("chelsea_min_similarity must be in [-1, 1]")
+        if self.chelsea_sink_tokens < 0 or self.chelsea_full_layers < 0:
+            raise ValueError("chelsea_sink_tokens and chelsea_full_layers must be >= 0")
+        if self.tp_size != 1 or self.dp_size != 1:
+            raise ValueError("tp_size and dp_size > 1 are not supported yet")
+        if self.attention_backend not in ("torch",):
+            raise ValueError(f"attention_backend {self.attention_backend!r} is not available; use torch")
+
+    @property
+    def effective_page_size(self) -> int:
+        """Radix page size: with Chelsea on, a page is a compression chunk."""
+        if self.kv_compression == "chelsea":
+            return self.chelsea_chunk_size
+        return self.page_size
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        """Register every field as a ``--flag`` with its help text."""
+        d = ServerArgs
+        p = parser
+        g = p.add_argument_group("model")
+        g.add_argument("--model-path", type=str, default=d.model_path,
+                       help="HF model directory or .gguf file; default: the embedded "
+                            "SmolLM2-135M-Instruct GGUF")
+        g.add_argument("--tokenizer-path", type=str, default=d.tokenizer_path,
+                       help="Tokenizer directory (default: the model path)")
+        g.add_argument("--served-model-name", type=str, default=d.served_model_name,
+                       help="Model name reported by /v1/models (default: the model path)")
+        g.add_argument("--chat-template", type=str, default=d.chat_template,
+                       help="Jinja chat template file or string, or 'chatml' (default: the tokenizer's)")
+        g.add_argument("--dtype", type=str, default=d.dtype,
+                       choices=["auto", "float32", "bfloat16", "float16", "half", "float"],
+                       help="Weight and activation dtype; auto = float32 on the CPU")
+        g.add_argument("--device", type=str, default=d.device, help="cpu")
+        g.add_argument("--context-length", type=int, default=d.context_length,
+                       help="Override the model's maximum context length")
+        g.add_argument("--load-format", type=str, default=d.load_format, help="auto (accepted for compatibility)")
+        g.add_argument("--trust-remote-code", action="store_true", help="Accepted for compatibility")
+        g.add_argument("--skip-tokenizer-init", action="store_true", help="Accepted for compatibility")
+        g = p.add_argument_group("http server")
+        g.add_argument("--host", type=str, default=d.host, help="Bind address (default 127.0.0.1)")
+        g.add_argument("--port", type=int, default=d.port, help="HTTP port (default 30000)")
+        g.add_argument("--api-key", type=str, default=d.api_key,
+                       help="Require 'Authorization: Bearer KEY' on every endpoint except /health")
+        g.add_argument("--log-level", type=str, default=d.log_level, help="debug, info, warning, error")
+        g.add_argument("--log-requests", action="store_true", help="Log every request's inputs and outputs")
+        g = p.add_argument_group("memory and scheduling")
+        g.add_argument("--mem-fraction-static", type=float, default=d.mem_fraction_static,
+                       help="Fraction of available memory for the KV pool when --max-total-tokens is unset")
+        g.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens,
+                       help="Number of KV slots in the pool (overrides --mem-fraction-static)")
+        g.add_argument("--max-running-requests", type=int, default=d.max_running_requests,
+                       help="Most requests decoding at once")
+        g.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
+                       help="Most new tokens in one prefill batch")
+        g.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size,
+                       help="Longest prefill chunk of one request per step; -1 disables chunking")
+        g.add_argument("--page-size", type=int, default=d.page_size,
+                       help="Radix cache page size in tokens (Chelsea uses its chunk size)")
+        g.add_argument("--schedule-policy", type=str, default=d.schedule_policy, choices=["fcfs", "lpm"],
+                       help="fcfs (first come first served) or lpm (longest prefix match first)")
+        g.add_argument("--disable-radix-cache", action="store_true", help="Disable prefix caching")
+        g.add_argument("--attention-backend", type=str, default=d.attention_backend,
+                       help="torch (CPU)")
+        g.add_argument("--random-seed", type=int, default=d.random_seed, help="Global random seed")
+        g.add_argument("--num-threads", type=int, default=d.num_threads,
+                       help="torch intra-op threads (default: all cores)")
+        g.add_argument("--tp-size", type=int, default=d.tp_size, help="Tensor parallel size (1)")
+        g.add_argument("--dp-size", type=int, default=d.dp_size, help="Data parallel size (1)")
+        g = p.add_argument_group("kv cache compression")
+        g.add_argument("--kv-compression", type=str, default=d.kv_compression,
+                       choices=list(KV_COMPRESSION_CHOICES), help="KV cache compression policy")
+        g.add_argument("--chelsea-chunk-size", type=int, default=d.chelsea_chunk_size,
+                       help="Tokens per Chelsea chunk (= radix page when chelsea is on)")
+        g.add_argument("--chelsea-keep-ratio", type=float, default=d.chelsea_keep_ratio,
+                       help="Target fraction of a chunk's slots kept after merging")
+        g.add_argument("--chelsea-round-fraction", type=float, default=d.chelsea_round_fraction,
+                       help="Largest share of a chunk's current slots merged per round")
+        g.add_argument("--chelsea-min-similarity", type=float, default=d.chelsea_min_similarity,
+                       help="Key pairs less cosine-similar than this never merge")
+        g.add_argument("--chelsea-sink-tokens", type=int, default=d.chelsea_sink_tokens,
+                       help="First tokens of the sequence kept raw (attention sinks)")
+        g.add_argument("--chelsea-full-layers", type=int, default=d.chelsea_full_layers,
+                       help="First layers kept uncompressed")
+        g.add_argument("--chelsea-size-bias", action=argparse.BooleanOptionalAction,
+                       default=d.chelsea_size_bias,
+                       help="Add log(cluster size) to each centroid's attention logit")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "ServerArgs":
+        """Build from keyword arguments, rejecting unknown names with a clear error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown ServerArgs field(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("api_key", None)
+        return out
+
+
+def prepare_server_args(argv: Optional[list[str]] = None) -> ServerArgs:
+    parser = argparse.ArgumentParser(
+        prog="python -m sglang_chelsea.launch_server",
+        description="Launch the sglang-chelsea HTTP server (SGLang native + OpenAI APIs).")
+    ServerArgs.add_cli_args(parser)
+    return ServerArgs.from_cli_args(parser.parse_args(argv))
