@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from sglang_chelsea.compression.base import create_compressor
 from sglang_chelsea.managers.io_struct import ReqOutput, TokenizedGenerateReqInput
 from sglang_chelsea.managers.schedule_batch import Req
 from sglang_chelsea.managers.schedule_policy import SchedulePolicy
@@ -53,7 +54,8 @@ class Scheduler:
         chunk = server_args.chunked_prefill_size
         self.chunked_prefill_size = None if chunk in (None, -1) else chunk
         self.max_req_input_len = min(self.context_len - 1, self.max_total_num_tokens - 1)
-        self.kv_compressor: Any = None  # set by the compression policy (Chelsea)
+        self.kv_compressor = create_compressor(server_args)
+        self.token_to_kv_pool.uniform_weights = self.kv_compressor is None
         self.waiting_queue: list[Req] = []
         self.running: list[Req] = []
         self.chunked_req: Optional[Req] = None

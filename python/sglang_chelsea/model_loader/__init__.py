@@ -1,4 +1,4 @@
-"""Model loading: GGUF files and Hugging Face checkpoints into a ModelConfig, fp weights, tokenizer."""
+"""Model loading: a GGUF file or Hugging Face checkpoint -> ModelConfig, fp weights, tokenizer."""
 
 from sglang_chelsea.model_loader.default_model import default_model_path
 from sglang_chelsea.model_loader.loader import (

@@ -106,9 +106,8 @@ def gguf_model_config(reader: gguf.GGUFReader) -> ModelConfig:
     """Build a ModelConfig from the metadata of an opened GGUF file."""
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(
-            f"GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
-        )
+        supported = ", ".join(GGUF_ARCHITECTURES)
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {supported}")
     tensor_names = {t.name for t in reader.tensors}
 
     def need(key: str) -> Any:
@@ -187,7 +186,7 @@ def load_gguf_weights(
 ) -> dict[str, torch.Tensor]:
     """Dequantize every tensor of ``reader`` into HF-named tensors of ``dtype``."""
     permute_heads = {}
-    if False:  # llama.cpp permutes q/k for the llama arch only
+    if config.architecture == "llama":  # llama.cpp permutes q/k for the llama arch only
         permute_heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     weights: dict[str, torch.Tensor] = {}
     for tensor in tqdm(reader.tensors, desc="Dequantizing GGUF", unit="tensor"):

@@ -54,6 +54,14 @@ def _eos_token_ids(model_dir: str, hf_config: Any) -> list[int]:
     return ids + [i for i in _as_id_list(generation.eos_token_id) if i not in ids]
 
 
+def _warn_sliding_window(hf_config: Any) -> None:
+    """The runtime attends to the full context; say so when the checkpoint asks otherwise."""
+    window = getattr(hf_config, "sliding_window", None)
+    enabled = getattr(hf_config, "use_sliding_window", True)  # Qwen2 has an on/off switch
+    if window and enabled and window < hf_config.max_position_embeddings:
+        logger.warning("sliding_window=%d is ignored: attention spans the whole context", window)
+
+
 def hf_model_config(model_dir: str) -> ModelConfig:
     """Build a ModelConfig from ``model_dir/config.json`` through ``transformers.AutoConfig``."""
     hf_config = AutoConfig.from_pretrained(model_dir)
@@ -66,6 +74,7 @@ def hf_model_config(model_dir: str) -> ModelConfig:
         )
     if getattr(hf_config, "mlp_bias", False):
         raise ValueError("Checkpoints with mlp_bias=True are not supported")
+    _warn_sliding_window(hf_config)
     theta, scaling = _rope(hf_config)
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads

@@ -84,6 +84,7 @@ def is_gguf(path: str) -> bool:
 
 
 def _check_file(path: str) -> None:
+    """Reject a plain file that is not GGUF (e.g. a lone .bin or .safetensors)."""
     if os.path.isfile(path) and not is_gguf(path):
         raise ValueError(f"Model file {path!r} is not a .gguf file")
 

@@ -30,7 +30,7 @@ def filter_probs(probs: Tensor, top_ks: Tensor, top_ps: Tensor, min_ps: Tensor) 
 
 def top_k_top_p_keep(probs: Tensor, top_ks: Tensor, top_ps: Tensor) -> Tensor:
     """The bool mask ``[B, V]`` of tokens that top-k and top-p keep."""
-    num_rows, vocab = probs.shape
+    vocab = probs.shape[1]
     keep = torch.ones_like(probs, dtype=torch.bool)
     filtered = (top_ks < vocab) | (top_ps < 1.0)
     if not bool(filtered.any()):

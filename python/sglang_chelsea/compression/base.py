@@ -1,0 +1,55 @@
+"""The KV compression policy interface and its registry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    from sglang_chelsea.managers.schedule_batch import Req
+    from sglang_chelsea.managers.scheduler import Scheduler
+    from sglang_chelsea.server_args import ServerArgs
+
+
+class KVCompressor(ABC):
+    """A policy that rewrites completed radix pages of a request's KV row in place.
+
+    Called by the scheduler between forward passes, after the pass that completed the
+    pages and before they are inserted into the radix tree, so a compressed page is
+    what every later prefix hit reuses.
+    """
+
+    @abstractmethod
+    def compress_reqs(self, scheduler: "Scheduler", reqs: list["Req"]) -> None:
+        """Compress every completed, not yet compressed page of ``reqs``."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """Counters reported under ``kv_cache`` in /get_server_info."""
+
+    def reset(self) -> None:
+        """Forget counters tied to cached pages (on flush_cache)."""
+
+
+_REGISTRY: dict[str, Callable[["ServerArgs"], KVCompressor]] = {}
+
+
+def register_compressor(name: str) -> Callable[[Callable[["ServerArgs"], KVCompressor]],
+                                                 Callable[["ServerArgs"], KVCompressor]]:
+    def wrap(factory: Callable[["ServerArgs"], KVCompressor]) -> Callable[["ServerArgs"], KVCompressor]:
+        _REGISTRY[name] = factory
+        return factory
+    return wrap
+
+
+def create_compressor(server_args: "ServerArgs") -> Optional[KVCompressor]:
+    """The policy named by ``--kv-compression`` (None for ``none``)."""
+    name = server_args.kv_compression
+    if name == "none":
+        return None
+    # Importing the policy modules registers them.
+    from sglang_chelsea.compression import chelsea  # noqa: F401
+
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown kv_compression {name!r}; available: none, {', '.join(_REGISTRY)}")
+    return _REGISTRY[name](server_args)

@@ -1,0 +1,139 @@
+"""Chelsea: merge each completed chunk's K/V into cluster centroids (Chunked Soft Matching).
+
+A chunk is a radix page of ``chelsea_chunk_size`` tokens. When it completes, every layer
+and KV head of it is matched and merged in one batched call; the centroids are written
+into the first ``m`` of the chunk's own slots (``m`` = the most centroids any layer/head
+kept), the other ``C - m`` slots are freed, and the request's slot list is compacted.
+Each slot's weight (per layer, KV head) is its cluster size (0 for a padding slot), and
+attention adds log(weight) when the size bias is on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sglang_chelsea.compression.base import KVCompressor, register_compressor
+from sglang_chelsea.kernels.chunked_soft_matching import chunked_soft_matching
+
+if TYPE_CHECKING:
+    from sglang_chelsea.managers.schedule_batch import Req
+    from sglang_chelsea.managers.scheduler import Scheduler
+    from sglang_chelsea.server_args import ServerArgs
+
+
+class ChelseaCompressor(KVCompressor):
+    """Online chunk clustering inside the radix-tree KV pool."""
+
+    def __init__(self, server_args: "ServerArgs") -> None:
+        self.chunk_size = server_args.chelsea_chunk_size
+        self.target = max(1, math.ceil(server_args.chelsea_keep_ratio * self.chunk_size))
+        self.round_fraction = server_args.chelsea_round_fraction
+        self.min_similarity = server_args.chelsea_min_similarity
+        self.sink_tokens = server_args.chelsea_sink_tokens
+        self.full_layers = server_args.chelsea_full_layers
+        self.size_bias = server_args.chelsea_size_bias
+        self.clustered_chunks = 0
+        self.clustered_tokens = 0
+        self.kept_slots = 0
+        self.cluster_time = 0.0
+
+    def compress_reqs(self, scheduler: "Scheduler", reqs: list["Req"]) -> None:
+        jobs: list[tuple["Req", int]] = []  # (request, page index)
+        for req in reqs:
+            for page in range(req.compressed_pages, len(req.page_lens)):
+                jobs.append((req, page))
+        if not jobs:
+            return
+        t0 = time.perf_counter()
+        self._compress(scheduler, jobs)
+        self.cluster_time += time.perf_counter() - t0
+
+    def _compress(self, scheduler: "Scheduler", jobs: list[tuple["Req", int]]) -> None:
+        pool = scheduler.token_to_kv_pool
+        table = scheduler.req_to_token_pool.req_to_token
+        c = self.chunk_size
+        slot_lists = []
+        for req, page in jobs:
+            assert req.page_lens[page] == c, "only raw pages are compressed"
+            start = sum(req.page_lens[:page])
+            slot_lists.append(table[req.req_pool_idx, start:start + c].to(torch.int64))
+        slots = torch.stack(slot_lists)  # [N, C]
+        n_chunks = len(jobs)
+        layers = range(self.full_layers, pool.num_layers)
+        flat = slots.reshape(-1)
+        # [L, N, C, H, D] -> [L * N, H, C, D]
+        keys = torch.stack([pool.k_buffer[l].index_select(0, flat) for l in layers])
+        values = torch.stack([pool.v_buffer[l].index_select(0, flat) for l in layers])
+        n_layers = len(layers)
+        h, d = pool.num_kv_heads, pool.head_dim
+        keys = keys.view(n_layers, n_chunks, c, h, d).permute(0, 1, 3, 2, 4).reshape(-1, h, c, d)
+        values = values.view(n_layers, n_chunks, c, h, d).permute(0, 1, 3, 2, 4).reshape(-1, h, c, d)
+        protected = torch.zeros((n_chunks, c), dtype=torch.bool)
+        for i, (_, page) in enumerate(jobs):
+            first = page * c
+            if first < self.sink_tokens:
+                protected[i, : self.sink_tokens - first] = True
+        result = chunked_soft_matching(
+            keys, values, target=self.target, round_fraction=self.round_fraction,
+            min_similarity=self.min_similarity, protected=protected.repeat(n_layers, 1))
+        kept = result.num_kept.view(n_layers, n_chunks, h).amax(dim=(0, 2))  # [N]
+        if self.full_layers:
+            kept = torch.full_like(kept, c)
+        m_max = result.keys.shape[2]
+        out_k = result.keys.view(n_layers, n_chunks, h, m_max, d)
+        out_v = result.values.view(n_layers, n_chunks, h, m_max, d)
+        out_w = result.sizes.view(n_layers, n_chunks, h, m_max)
+        if not self.size_bias:
+            out_w = (out_w > 0).to(out_w.dtype)
+        pool.uniform_weights = False
+        for i, (req, page) in enumerate(jobs):
+            m = int(kept[i])
+            dst = slots[i, :m]
+            for j, layer in enumerate(layers):
+                mm = min(m, m_max)
+                pool.k_buffer[layer][dst[:mm]] = out_k[j, i, :, :mm].transpose(0, 1).to(pool.dtype)
+                pool.v_buffer[layer][dst[:mm]] = out_v[j, i, :, :mm].transpose(0, 1).to(pool.dtype)
+                pool.weight_buffer[layer][dst[:mm]] = out_w[j, i, :, :mm].transpose(0, 1)
+            for layer in range(self.full_layers):
+                pool.weight_buffer[layer][dst] = 1.0
+            self._compact_row(scheduler, req, page, slots[i], m)
+            self.clustered_chunks += 1
+            self.clustered_tokens += c
+            self.kept_slots += m
+        for req, _ in jobs:
+            req.compressed_pages = len(req.page_lens)
+
+    @staticmethod
+    def _compact_row(scheduler: "Scheduler", req: "Req", page: int, chunk_slots: torch.Tensor,
+                     m: int) -> None:
+        """Free the chunk's unused slots and close the gap in the request's slot list."""
+        c = len(chunk_slots)
+        if m < c:
+            scheduler.allocator.free(chunk_slots[m:])
+            row = scheduler.req_to_token_pool.req_to_token[req.req_pool_idx]
+            start = sum(req.page_lens[:page])
+            tail = row[start + c:req.physical_len].clone()
+            row[start + m:start + m + tail.numel()] = tail
+            req.physical_len -= c - m
+        req.page_lens[page] = m
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "clustered_chunks": self.clustered_chunks,
+            "clustered_tokens": self.clustered_tokens,
+            "centroid_slots": self.kept_slots,
+            "clustering_seconds": round(self.cluster_time, 4),
+        }
+
+    def reset(self) -> None:
+        self.clustered_chunks = self.clustered_tokens = self.kept_slots = 0
+        self.cluster_time = 0.0
+
+
+@register_compressor("chelsea")
+def _make_chelsea(server_args: "ServerArgs") -> KVCompressor:
+    return ChelseaCompressor(server_args)
