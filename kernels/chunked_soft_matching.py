@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["MergeResult", "chunked_soft_matching", "round_quota_table", "NORM_EPS"]
+__all__ = ["NORM_EPS", "MergeResult", "chunked_soft_matching", "round_quota_table"]
 
 #: Keys are divided by ``max(||k||, NORM_EPS)`` before the cosine similarity.
 NORM_EPS = 1e-12
@@ -72,9 +71,9 @@ def round_quota_table(chunk_size: int, round_fraction: float) -> list[int]:
 def check_merge_args(
     keys: Tensor,
     values: Tensor,
-    sizes: Optional[Tensor],
+    sizes: Tensor | None,
     target: int,
-    protected: Optional[Tensor],
+    protected: Tensor | None,
 ) -> None:
     """Validate the shapes shared by the reference and the Triton wrapper."""
     if keys.dim() != 4 or values.dim() != 4:
@@ -95,13 +94,13 @@ def check_merge_args(
 def chunked_soft_matching(
     keys: Tensor,
     values: Tensor,
-    sizes: Optional[Tensor] = None,
+    sizes: Tensor | None = None,
     *,
     target: int,
     round_fraction: float,
     min_similarity: float,
-    protected: Optional[Tensor] = None,
-    max_rounds: Optional[int] = None,
+    protected: Tensor | None = None,
+    max_rounds: int | None = None,
 ) -> MergeResult:
     """Merge similar tokens of every chunk and head into size-weighted centroids.
 
@@ -229,7 +228,7 @@ def _compact(
     root: Tensor,
 ) -> MergeResult:
     """Gather the surviving slots, in positional order, into a padded MergeResult."""
-    n, h, c, _ = ksum.shape
+    n, h = ksum.shape[:2]
     num_kept = alive.sum(dim=-1)
     m = int(num_kept.max())
     slot = torch.cumsum(alive, dim=-1) - 1

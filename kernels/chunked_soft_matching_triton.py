@@ -16,7 +16,7 @@ Triton is imported lazily: importing this module works without triton installed.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -158,13 +158,13 @@ def _block(x: int) -> int:
 def chunked_soft_matching_triton(
     keys: Tensor,
     values: Tensor,
-    sizes: Optional[Tensor] = None,
+    sizes: Tensor | None = None,
     *,
     target: int,
     round_fraction: float,
     min_similarity: float,
-    protected: Optional[Tensor] = None,
-    max_rounds: Optional[int] = None,
+    protected: Tensor | None = None,
+    max_rounds: int | None = None,
 ) -> MergeResult:
     """Triton version of ``chunked_soft_matching``: same arguments, same result.
 

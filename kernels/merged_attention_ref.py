@@ -9,7 +9,6 @@ over the original tokens. Slots of size 0 are padding and are masked out.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -22,7 +21,7 @@ def attention_with_size_bias(
     k: Tensor,
     v: Tensor,
     sizes: Tensor,
-    causal_offset: Optional[int] = None,
+    causal_offset: int | None = None,
 ) -> Tensor:
     """Softmax attention with ``log(size)`` added to every key slot's logit (GQA).
 

@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+import sys
 
 import pytest
 import torch
-from torch import Tensor
-
 from sglang_chelsea.kernels.chunked_soft_matching import (
     NORM_EPS,
     MergeResult,
     chunked_soft_matching,
 )
 from sglang_chelsea.kernels.merged_attention_ref import attention_with_size_bias
+from torch import Tensor
 
-if not torch.cuda.is_available():
-    # CPU tensors only run through the Triton interpreter; the kernel is built lazily,
-    # so this only has to happen before the first Triton call.
+# CPU tensors only run through the Triton interpreter, and TRITON_INTERPRET must be set
+# before triton is imported (triton.language builds its helpers at import time).
+_ON_CPU = not torch.cuda.is_available()
+_TRITON_IMPORTED_COMPILED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+if _ON_CPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
@@ -30,7 +31,7 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def _merge(keys: Tensor, values: Optional[Tensor] = None, **kwargs: object) -> MergeResult:
+def _merge(keys: Tensor, values: Tensor | None = None, **kwargs: object) -> MergeResult:
     """Call the reference with defaults that merge freely (no similarity floor)."""
     args: dict = {"target": 1, "round_fraction": 0.5, "min_similarity": -1.0}
     args.update(kwargs)
@@ -43,7 +44,7 @@ def _check_centroids(
 ) -> None:
     """Every output slot is the size-weighted mean of the input tokens assigned to it."""
     keys, values = keys.float(), values.float()
-    n, h, c, d = keys.shape
+    n, h, _, d = keys.shape
     m = out.keys.shape[2]
     exp_size = torch.zeros(n, h, m).scatter_add_(2, out.assignment, sizes)
     exp_k = torch.zeros(n, h, m, d).scatter_add_(
@@ -298,7 +299,9 @@ def test_attention_with_size_bias_equals_full_attention() -> None:
     # C identical tokens in one slot of size C; a padding slot of size 0 is ignored.
     key, junk = torch.randn(1, 1, d), torch.randn(1, 1, d)
     one = attention_with_size_bias(
-        q[:1], torch.cat([key, junk], 1), torch.cat([values[:1, :1], junk], 1),
+        q[:1],
+        torch.cat([key, junk], 1),
+        torch.cat([values[:1, :1], junk], 1),
         torch.tensor([[float(c), 0.0]]),
     )
     many = attention_with_size_bias(
@@ -323,6 +326,11 @@ def test_attention_causal_offset() -> None:
 )
 def test_triton_kernel_matches_reference(c: int, target: int, dtype: torch.dtype) -> None:
     pytest.importorskip("triton")
+    if _ON_CPU and _TRITON_IMPORTED_COMPILED:
+        pytest.fail(
+            "triton was imported before TRITON_INTERPRET=1 was set: set it at the top of "
+            "test/conftest.py (or in the environment) so that kernels can run on CPU"
+        )
     from sglang_chelsea.kernels.chunked_soft_matching_triton import (
         chunked_soft_matching_triton,
     )

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any, Optional, Union
 
-from sglang_chelsea.managers.io_struct import TokenizedGenerateReqInput
+from sglang_chelsea.managers.generate_request import GenerateReqInput
 from sglang_chelsea.managers.req_state import ReqState
 from sglang_chelsea.managers.scheduler import Scheduler
-from sglang_chelsea.sampling.sampling_params import SamplingParams
 from sglang_chelsea.server_args import ServerArgs
 
 PromptInput = Union[str, list[str], None]
@@ -39,47 +37,24 @@ class Engine:
 
         Raises ValueError for bad input; nothing is queued then.
         """
-        if (prompt is None) == (input_ids is None):
-            raise ValueError("pass exactly one of prompt or input_ids")
-        single = isinstance(prompt, str) or (input_ids is not None and len(input_ids) > 0
-                                             and isinstance(input_ids[0], int))
-        if input_ids is not None and len(input_ids) == 0:
-            single = True
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        ids_list = ([input_ids] if single else input_ids) if input_ids is not None else None
-        n = len(prompts) if prompts is not None else len(ids_list)  # type: ignore[arg-type]
-
-        def per(value: Any, i: int) -> Any:
-            return value[i] if isinstance(value, list) else value
-
+        obj = GenerateReqInput(
+            text=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
+            return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs)
+        obj.check()
         reqs, states = [], []
-        for i in range(n):
-            sp = SamplingParams.from_dict(dict(per(sampling_params, i) or {}))
-            sp.normalize(self.tokenizer)
-            text = prompts[i] if prompts is not None else None
-            if text is not None and not isinstance(text, str):
-                raise ValueError("prompt must be a string or a list of strings")
-            ids = self.tokenizer.encode(text) if text is not None else list(ids_list[i])
-            lp = bool(per(return_logprob, i))
-            start = per(logprob_start_len, i)
-            tokenized = TokenizedGenerateReqInput(
-                rid=per(rid, i) or uuid.uuid4().hex, input_text=text, input_ids=ids,
-                sampling_params=sp, return_logprob=lp,
-                logprob_start_len=(-1 if not lp else (0 if start is None or start < 0 else start))
-                if lp else -1,
-                top_logprobs_num=per(top_logprobs_num, i) or 0)
+        for item in obj.to_items():
+            tokenized = item.tokenize(self.tokenizer)
             self.scheduler.validate(tokenized)
             reqs.append(tokenized)
-            states.append(ReqState(tokenized.rid, sp, lp, tokenized.top_logprobs_num,
-                                   return_text_in_logprobs))
+            states.append(ReqState(item.rid, item.sampling_params, item.return_logprob,
+                                   tokenized.top_logprobs_num, item.return_text_in_logprobs))
         by_rid = {s.rid: s for s in states}
-        if len(by_rid) != len(states):
-            raise ValueError("rid values must be unique")
         for tokenized in reqs:
             self.scheduler.add_request(tokenized)
         self._run_until_done(by_rid)
         results = [s.to_response(self.tokenizer) for s in states]
-        return results[0] if single else results
+        return results[0] if obj.is_single else results
 
     def _run_until_done(self, states: dict[str, ReqState]) -> None:
         pending = set(states)

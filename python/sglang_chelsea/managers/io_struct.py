@@ -48,6 +48,9 @@ class BatchTokenIDOutput:
     """Scheduler -> detokenizer: the outputs of one step."""
 
     outputs: list[ReqOutput] = field(default_factory=list)
+    # Per output: the request's SamplingParams with its first output (the detokenizer needs
+    # skip_special_tokens and the stop strings), None afterwards.
+    sampling_params: list[Optional[SamplingParams]] = field(default_factory=list)
 
 
 @dataclass
@@ -61,6 +64,7 @@ class BatchStrOutput:
 @dataclass
 class AbortReq:
     rid: str
+    message: str = "aborted by request"
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from sglang_chelsea.compression.base import create_compressor
+from sglang_chelsea.managers.generate_request import validate_tokenized_request
 from sglang_chelsea.managers.io_struct import ReqOutput, TokenizedGenerateReqInput
 from sglang_chelsea.managers.schedule_batch import Req
 from sglang_chelsea.managers.schedule_policy import SchedulePolicy
@@ -68,23 +69,8 @@ class Scheduler:
     # ------------------------------------------------------------------ requests in
     def validate(self, tokenized: TokenizedGenerateReqInput) -> None:
         """Raise ValueError naming the problem with a request (before it is queued)."""
-        ids = tokenized.input_ids
-        if len(ids) == 0:
-            raise ValueError("the prompt is empty (input_ids has no tokens)")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or t < 0 or t >= vocab]
-        if bad:
-            raise ValueError(f"input_ids contains token id {bad[0]!r} outside the vocabulary "
-                             f"[0, {vocab})")
-        if len(ids) > self.max_req_input_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, more than the maximum "
-                             f"{self.max_req_input_len} (context length {self.context_len})")
-        tokenized.sampling_params.verify(vocab)
-        if tokenized.logprob_start_len >= len(ids):
-            raise ValueError(f"logprob_start_len ({tokenized.logprob_start_len}) must be less "
-                             f"than the prompt length ({len(ids)})")
-        if tokenized.top_logprobs_num < 0:
-            raise ValueError("top_logprobs_num must be >= 0")
+        validate_tokenized_request(tokenized, self.model_config.vocab_size,
+                                   self.max_req_input_len, self.context_len)
 
     def add_request(self, tokenized: TokenizedGenerateReqInput) -> None:
         """Validate and queue a request (raises ValueError on bad input)."""

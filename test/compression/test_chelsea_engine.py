@@ -1,0 +1,162 @@
+"""Chelsea inside the engine: slot schedule, clustering once per shared prefix, radix reuse,
+exactness at keep ratio 1, and passkey retrieval on SmolLM2 at keep 0.5."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sglang_chelsea import Engine
+
+GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+
+
+def _engine(model_path: str, **kw) -> Engine:
+    args = dict(model_path=model_path, max_total_tokens=12000, log_level="warning",
+                kv_compression="chelsea", chelsea_chunk_size=32, chelsea_keep_ratio=0.5,
+                chelsea_sink_tokens=4)
+    args.update(kw)
+    return Engine(**args)
+
+
+def _prompt_ids(n: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 40000, (n,), generator=g).tolist()
+
+
+def _assert_no_leak(engine: Engine) -> None:
+    assert engine.flush_cache()
+    kv = engine.get_server_info()["kv_cache"]
+    assert kv["free_slots"] == kv["total_slots"]
+    pool = engine.scheduler.req_to_token_pool
+    assert pool.available_size() == pool.size
+
+
+@pytest.fixture(scope="module")
+def tiny_chelsea(tiny_llama_dir: str) -> Engine:
+    # min_similarity -1: every eligible pair may merge, so each chunk reaches its target.
+    return _engine(tiny_llama_dir, chelsea_min_similarity=-1.0, chunked_prefill_size=40)
+
+
+def test_physical_slots_follow_the_schedule(tiny_chelsea: Engine) -> None:
+    ids = _prompt_ids(200)
+    out = tiny_chelsea.generate(input_ids=ids, sampling_params={**GREEDY, "max_new_tokens": 1})
+    assert out["meta_info"]["prompt_tokens"] == 200
+    kv = tiny_chelsea.get_server_info()["kv_cache"]
+    c, target = 32, math.ceil(0.5 * 32)
+    full_chunks = 200 // c  # the finished request's KV: 200 prompt tokens (last output has none)
+    assert kv["clustered_chunks"] == full_chunks
+    # Only completed chunks stay cached, each as `target` centroid slots.
+    assert kv["physical_slots"] == full_chunks * target
+    assert kv["logical_tokens"] == full_chunks * c
+    assert kv["compression_ratio"] == pytest.approx(c / target)
+    # Every cached chunk's slot weights sum to the chunk length on every layer and head.
+    tree = tiny_chelsea.scheduler.tree_cache
+    match = tree.match_prefix(ids)
+    assert match.page_lens == [target] * full_chunks
+    pool = tiny_chelsea.scheduler.token_to_kv_pool
+    for layer in (0, pool.num_layers - 1):
+        w = pool.weight_buffer[layer][match.value].view(full_chunks, target, -1)
+        assert torch.allclose(w.sum(dim=1), torch.full_like(w.sum(dim=1), float(c)))
+    _assert_no_leak(tiny_chelsea)
+
+
+def test_shared_prefix_is_clustered_once(tiny_chelsea: Engine) -> None:
+    prefix = _prompt_ids(160, seed=1)
+    a = tiny_chelsea.generate(input_ids=prefix + _prompt_ids(10, seed=2), sampling_params=GREEDY)
+    after_first = tiny_chelsea.get_server_info()["kv_cache"]["clustered_chunks"]
+    b = tiny_chelsea.generate(input_ids=prefix + _prompt_ids(10, seed=3), sampling_params=GREEDY)
+    kv = tiny_chelsea.get_server_info()["kv_cache"]
+    assert b["meta_info"]["cached_tokens"] == 160
+    # The second request clusters only its own new chunks (the shared 5 are reused).
+    new_chunks = (170 + 8 - 1) // 32 - 160 // 32
+    assert kv["clustered_chunks"] - after_first == new_chunks
+    assert a["meta_info"]["prompt_tokens"] == b["meta_info"]["prompt_tokens"] == 170
+    _assert_no_leak(tiny_chelsea)
+
+
+def test_radix_hit_on_compressed_prefix_gives_same_output(tiny_chelsea: Engine) -> None:
+    ids = _prompt_ids(150, seed=4)
+    first = tiny_chelsea.generate(input_ids=ids, sampling_params={**GREEDY, "max_new_tokens": 40})
+    second = tiny_chelsea.generate(input_ids=ids, sampling_params={**GREEDY, "max_new_tokens": 40})
+    assert first["meta_info"]["cached_tokens"] == 0
+    assert second["meta_info"]["cached_tokens"] == 128
+    assert first["output_ids"] == second["output_ids"]
+    _assert_no_leak(tiny_chelsea)
+
+
+def test_decode_compresses_completed_chunks(tiny_chelsea: Engine) -> None:
+    ids = _prompt_ids(20, seed=5)
+    tiny_chelsea.generate(input_ids=ids, sampling_params={**GREEDY, "max_new_tokens": 80})
+    kv = tiny_chelsea.get_server_info()["kv_cache"]
+    # 20 + 80 - 1 = 99 tokens with KV -> 3 completed chunks, clustered as decode filled them.
+    assert kv["clustered_chunks"] == 3
+    assert kv["physical_slots"] == 3 * 16
+    _assert_no_leak(tiny_chelsea)
+
+
+def test_keep_ratio_one_is_exactly_the_full_cache(tiny_llama_dir: str) -> None:
+    ids = _prompt_ids(130, seed=6)
+    params = {**GREEDY, "max_new_tokens": 30}
+    full = Engine(model_path=tiny_llama_dir, max_total_tokens=4000, log_level="warning")
+    expected = full.generate(input_ids=ids, sampling_params=params, return_logprob=True)
+    full.shutdown()
+    keep_all = _engine(tiny_llama_dir, chelsea_keep_ratio=1.0, max_total_tokens=4000)
+    got = keep_all.generate(input_ids=ids, sampling_params=params, return_logprob=True)
+    assert got["output_ids"] == expected["output_ids"]
+    a = [lp for lp, _, _ in got["meta_info"]["output_token_logprobs"]]
+    b = [lp for lp, _, _ in expected["meta_info"]["output_token_logprobs"]]
+    assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_bias_makes_merged_identical_tokens_exact(tiny_llama_dir: str) -> None:
+    """A prompt of one repeated token: every chunk's keys are identical up to RoPE...
+    so instead check the backend directly: C identical slots vs one slot of weight C."""
+    from sglang_chelsea.attention.torch_backend import masked_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 3, 16)
+    k_tok, v_tok = torch.randn(16), torch.randn(16)
+    others_k, others_v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    c = 7
+    full_k = torch.cat([others_k, k_tok.expand(1, 2, c, 16)], dim=2)
+    full_v = torch.cat([others_v, v_tok.expand(1, 2, c, 16)], dim=2)
+    full = masked_attention(q, full_k, full_v, None, 0.25)
+    merged_k = torch.cat([others_k, k_tok.expand(1, 2, 1, 16)], dim=2)
+    merged_v = torch.cat([others_v, v_tok.expand(1, 2, 1, 16)], dim=2)
+    weights = torch.tensor([1.0] * 5 + [float(c)])
+    merged = masked_attention(q, merged_k, merged_v, torch.log(weights).view(1, 1, 1, 6), 0.25)
+    assert torch.allclose(full, merged, atol=1e-6)
+
+
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def passkey_prompt(tokenizer, key: int, total_tokens: int, depth: float) -> str:
+    """The plain passkey prompt of environment.md, about ``total_tokens`` long."""
+    intro = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
+             "memorize it. I will quiz you about the important information there. ")
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    question = "What is the pass key? The pass key is"
+    per = len(tokenizer.encode(PASSKEY_FILLER))
+    budget = total_tokens - len(tokenizer.encode(intro + needle + question))
+    n = max(1, budget // per)
+    before = int(n * depth)
+    return intro + PASSKEY_FILLER * before + needle + PASSKEY_FILLER * (n - before) + question
+
+
+@pytest.mark.parametrize("keep_ratio", [0.5])
+def test_passkey_at_2k_with_half_the_kv(default_model_path: str, keep_ratio: float) -> None:
+    engine = _engine(default_model_path, chelsea_chunk_size=128, chelsea_keep_ratio=keep_ratio,
+                     chunked_prefill_size=512, max_total_tokens=6000)
+    tok = engine.tokenizer
+    cases = [(48213, 0.2), (90517, 0.5), (31764, 0.8)]
+    prompts = [passkey_prompt(tok, key, 2000, depth) for key, depth in cases]
+    outs = engine.generate(prompts, {"temperature": 0, "max_new_tokens": 8})
+    for (key, _), out in zip(cases, outs):
+        assert str(key) in out["text"], out["text"]
+    kv = engine.get_server_info()["kv_cache"]
+    assert kv["compression_ratio"] > 1.8
+    _assert_no_leak(engine)
