@@ -180,6 +180,7 @@ def chunked_soft_matching_triton(
     keys_c = keys.contiguous()
     values_c = values.contiguous()
     quota = torch.tensor(round_quota_table(c, round_fraction), device=dev, dtype=torch.int32)
+    # Absent sizes / protected: any tensor stands in for the pointer the kernel never reads.
     sizes_c = sizes.to(torch.float32).contiguous() if sizes is not None else quota
     prot_c = protected.to(torch.int8).contiguous() if protected is not None else quota
 

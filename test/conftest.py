@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from sglang_chelsea.model_loader import default_model_path as _default_model_path
-from utils.tiny_models import make_tiny_hf_model
+import torch  # importing torch alone does not import triton
+
+# Triton kernels run on the CPU through the interpreter; the flag must be set before any
+# import of triton (tiny_models pulls it in through torch._library).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from sglang_chelsea.model_loader import default_model_path as _default_model_path  # noqa: E402
+from utils.tiny_models import make_tiny_hf_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
-KV_COMPRESSION_CHOICES = ("none", "chelsea")
+KV_COMPRESSION_CHOICES = ("none", "chelsea", "streaming")
 
 
 @dataclass
@@ -61,9 +61,13 @@ class ServerArgs:
     chelsea_sink_tokens: int = 4
     chelsea_full_layers: int = 0
     chelsea_size_bias: bool = True
+    streaming_window: int = 1024
 
     def __post_init__(self) -> None:
         self.check()
+        if self.kv_compression == "streaming":
+            # Evicted pages depend on later tokens: they cannot be shared by prefix.
+            self.disable_radix_cache = True
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid argument."""
@@ -97,6 +101,8 @@ class ServerArgs:
             raise ValueError("chelsea_min_similarity must be in [-1, 1]")
         if self.chelsea_sink_tokens < 0 or self.chelsea_full_layers < 0:
             raise ValueError("chelsea_sink_tokens and chelsea_full_layers must be >= 0")
+        if self.streaming_window < 1:
+            raise ValueError("streaming_window must be >= 1")
         if self.tp_size != 1 or self.dp_size != 1:
             raise ValueError("tp_size and dp_size > 1 are not supported yet")
         if self.attention_backend not in ("torch",):
@@ -105,7 +111,7 @@ class ServerArgs:
     @property
     def effective_page_size(self) -> int:
         """Radix page size: with Chelsea on, a page is a compression chunk."""
-        if self.kv_compression == "chelsea":
+        if self.kv_compression != "none":
             return self.chelsea_chunk_size
         return self.page_size
 
@@ -181,6 +187,8 @@ class ServerArgs:
         g.add_argument("--chelsea-size-bias", action=argparse.BooleanOptionalAction,
                        default=d.chelsea_size_bias,
                        help="Add log(cluster size) to each centroid's attention logit")
+        g.add_argument("--streaming-window", type=int, default=d.streaming_window,
+                       help="streaming: recent tokens kept besides the sinks")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":

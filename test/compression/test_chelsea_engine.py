@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sglang_chelsea import Engine
+from sglang_chelsea.utils.long_context_tasks import passkey_prompt
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 
@@ -131,26 +132,11 @@ def test_bias_makes_merged_identical_tokens_exact(tiny_llama_dir: str) -> None:
     assert torch.allclose(full, merged, atol=1e-6)
 
 
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-
-
-def passkey_prompt(tokenizer, key: int, total_tokens: int, depth: float) -> str:
-    """The plain passkey prompt of environment.md, about ``total_tokens`` long."""
-    intro = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
-             "memorize it. I will quiz you about the important information there. ")
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    question = "What is the pass key? The pass key is"
-    per = len(tokenizer.encode(PASSKEY_FILLER))
-    budget = total_tokens - len(tokenizer.encode(intro + needle + question))
-    n = max(1, budget // per)
-    before = int(n * depth)
-    return intro + PASSKEY_FILLER * before + needle + PASSKEY_FILLER * (n - before) + question
-
-
 @pytest.mark.parametrize("keep_ratio", [0.5])
 def test_passkey_at_2k_with_half_the_kv(default_model_path: str, keep_ratio: float) -> None:
     engine = _engine(default_model_path, chelsea_chunk_size=128, chelsea_keep_ratio=keep_ratio,
-                     chunked_prefill_size=512, max_total_tokens=6000)
+                     chunked_prefill_size=128, max_total_tokens=6000)
+    # Prefill one chunk at a time: the question only ever sees the compressed context.
     tok = engine.tokenizer
     cases = [(48213, 0.2), (90517, 0.5), (31764, 0.8)]
     prompts = [passkey_prompt(tok, key, 2000, depth) for key, depth in cases]

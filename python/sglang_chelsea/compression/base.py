@@ -5,6 +5,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import torch
+
 if TYPE_CHECKING:
     from sglang_chelsea.managers.schedule_batch import Req
     from sglang_chelsea.managers.scheduler import Scheduler
@@ -31,6 +33,26 @@ class KVCompressor(ABC):
         """Forget counters tied to cached pages (on flush_cache)."""
 
 
+def page_slots(scheduler: "Scheduler", req: "Req", page: int) -> "torch.Tensor":
+    """The slots that hold completed page ``page`` of ``req`` (int64)."""
+    start = sum(req.page_lens[:page])
+    row = scheduler.req_to_token_pool.req_to_token[req.req_pool_idx]
+    return row[start:start + req.page_lens[page]].to(torch.int64)
+
+
+def shrink_page(scheduler: "Scheduler", req: "Req", page: int, m: int) -> None:
+    """Keep the first ``m`` slots of a page, free the rest, close the gap in the row."""
+    row = scheduler.req_to_token_pool.req_to_token[req.req_pool_idx]
+    start = sum(req.page_lens[:page])
+    c = req.page_lens[page]
+    if m < c:
+        scheduler.allocator.free(row[start + m:start + c].to(torch.int64))
+        tail = row[start + c:req.physical_len].clone()
+        row[start + m:start + m + tail.numel()] = tail
+        req.physical_len -= c - m
+    req.page_lens[page] = m
+
+
 _REGISTRY: dict[str, Callable[["ServerArgs"], KVCompressor]] = {}
 
 
@@ -48,7 +70,7 @@ def create_compressor(server_args: "ServerArgs") -> Optional[KVCompressor]:
     if name == "none":
         return None
     # Importing the policy modules registers them.
-    from sglang_chelsea.compression import chelsea  # noqa: F401
+    from sglang_chelsea.compression import chelsea, streaming  # noqa: F401
 
     if name not in _REGISTRY:
         raise ValueError(f"unknown kv_compression {name!r}; available: none, {', '.join(_REGISTRY)}")

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sglang_chelsea.compression.base import KVCompressor, register_compressor
+from sglang_chelsea.compression.base import (KVCompressor, page_slots, register_compressor,
+    shrink_page)
 from sglang_chelsea.kernels.chunked_soft_matching import chunked_soft_matching
 
 if TYPE_CHECKING:
@@ -54,14 +55,10 @@ class ChelseaCompressor(KVCompressor):
 
     def _compress(self, scheduler: "Scheduler", jobs: list[tuple["Req", int]]) -> None:
         pool = scheduler.token_to_kv_pool
-        table = scheduler.req_to_token_pool.req_to_token
         c = self.chunk_size
-        slot_lists = []
         for req, page in jobs:
             assert req.page_lens[page] == c, "only raw pages are compressed"
-            start = sum(req.page_lens[:page])
-            slot_lists.append(table[req.req_pool_idx, start:start + c].to(torch.int64))
-        slots = torch.stack(slot_lists)  # [N, C]
+        slots = torch.stack([page_slots(scheduler, req, page) for req, page in jobs])  # [N, C]
         n_chunks = len(jobs)
         layers = range(self.full_layers, pool.num_layers)
         flat = slots.reshape(-1)
@@ -100,26 +97,12 @@ class ChelseaCompressor(KVCompressor):
                 pool.weight_buffer[layer][dst[:mm]] = out_w[j, i, :, :mm].transpose(0, 1)
             for layer in range(self.full_layers):
                 pool.weight_buffer[layer][dst] = 1.0
-            self._compact_row(scheduler, req, page, slots[i], m)
+            shrink_page(scheduler, req, page, m)
             self.clustered_chunks += 1
             self.clustered_tokens += c
             self.kept_slots += m
         for req, _ in jobs:
             req.compressed_pages = len(req.page_lens)
-
-    @staticmethod
-    def _compact_row(scheduler: "Scheduler", req: "Req", page: int, chunk_slots: torch.Tensor,
-                     m: int) -> None:
-        """Free the chunk's unused slots and close the gap in the request's slot list."""
-        c = len(chunk_slots)
-        if m < c:
-            scheduler.allocator.free(chunk_slots[m:])
-            row = scheduler.req_to_token_pool.req_to_token[req.req_pool_idx]
-            start = sum(req.page_lens[:page])
-            tail = row[start + c:req.physical_len].clone()
-            row[start + m:start + m + tail.numel()] = tail
-            req.physical_len -= c - m
-        req.page_lens[page] = m
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -55,6 +55,10 @@ class ServerDeadError(RuntimeError):
     """A subprocess died: the request cannot complete."""
 
 
+class ClientDisconnectedError(Exception):
+    """The client of a non-streaming request went away; its requests were aborted."""
+
+
 @dataclass
 class _ReqEntry:
     """A request in flight: its accumulated state and the latest text from the detokenizer."""
@@ -191,7 +195,7 @@ class TokenizerManager:
             for entry in entries:
                 rid = entry.state.rid
                 if not entry.state.finished and self.rid_to_state.get(rid) is entry:
-                    await self._abort(rid, "the client disconnected")
+                    self._abort(rid, "the client disconnected")
                 self.rid_to_state.pop(rid, None)
 
     async def _wait(self, entries: list[_ReqEntry], request: ClientRequest | None
@@ -205,7 +209,7 @@ class TokenizerManager:
             except asyncio.TimeoutError:
                 if request is not None and await request.is_disconnected():
                     logger.info("client disconnected; aborting %d request(s)", len(pending))
-                    return
+                    raise ClientDisconnectedError()
                 continue
             event.clear()
             for i in sorted(pending):
@@ -221,16 +225,17 @@ class TokenizerManager:
                     continue
                 yield i, entry.state.to_response(self.tokenizer, text=entry.text)
 
-    async def _abort(self, rid: str, message: str) -> None:
+    def _abort(self, rid: str, message: str) -> None:
+        """Queue an AbortReq (never blocks: callable from a cancelled generator's cleanup)."""
         if self.dead_reason is None:
-            await self.send_to_scheduler.send_pyobj(AbortReq(rid, message))
+            self.send_to_scheduler.send_pyobj(AbortReq(rid, message))
 
-    async def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
         """Abort one request (its client still gets the abort response) or every request."""
         rids = list(self.rid_to_state) if abort_all else [rid]
         for r in rids:
             if r in self.rid_to_state:
-                await self._abort(r, "aborted by request")
+                self._abort(r, "aborted by request")
 
     # ------------------------------------------------------------------ outputs
     async def handle_loop(self) -> None:
