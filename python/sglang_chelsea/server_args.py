@@ -61,6 +61,7 @@ class ServerArgs:
     chelsea_sink_tokens: int = 4
     chelsea_full_layers: int = 0
     chelsea_size_bias: bool = True
+    chelsea_recent_chunks: int = 1
     streaming_window: int = 1024
 
     def __post_init__(self) -> None:
@@ -99,8 +100,9 @@ class ServerArgs:
             raise ValueError("chelsea_round_fraction must be in (0, 0.5]")
         if not -1.0 <= self.chelsea_min_similarity <= 1.0:
             raise ValueError("chelsea_min_similarity must be in [-1, 1]")
-        if self.chelsea_sink_tokens < 0 or self.chelsea_full_layers < 0:
-            raise ValueError("chelsea_sink_tokens and chelsea_full_layers must be >= 0")
+        if min(self.chelsea_sink_tokens, self.chelsea_full_layers, self.chelsea_recent_chunks) < 0:
+            raise ValueError(
+                "chelsea_sink_tokens, chelsea_full_layers and chelsea_recent_chunks must be >= 0")
         if self.streaming_window < 1:
             raise ValueError("streaming_window must be >= 1")
         if self.tp_size != 1 or self.dp_size != 1:
@@ -187,6 +189,8 @@ class ServerArgs:
         g.add_argument("--chelsea-size-bias", action=argparse.BooleanOptionalAction,
                        default=d.chelsea_size_bias,
                        help="Add log(cluster size) to each centroid's attention logit")
+        g.add_argument("--chelsea-recent-chunks", type=int, default=d.chelsea_recent_chunks,
+                       help="Newest completed chunks kept raw (compressed once newer ones complete)")
         g.add_argument("--streaming-window", type=int, default=d.streaming_window,
                        help="streaming: recent tokens kept besides the sinks")
 

@@ -108,15 +108,7 @@ def test_greedy_decode_matches_hf(pair: Pair) -> None:
         for (value, top_id, _), ref_value in zip(top, ref_top):
             assert abs(value - float(ref_lp[step, top_id])) <= tol, (pair.name, step, top_id)
             assert abs(value - ref_value) <= tol, (pair.name, step)  # they are HF's top 5
+    if pair.name == "smollm2_gguf":  # real weights continue the prompt with real words
+        assert "universe" in out["text"], out["text"]
     assert_no_leak(pair.engine)
 
-
-def test_gguf_greedy_text_is_sensible(pair: Pair) -> None:
-    """The real model continues the prompt with real words (guards against garbage that
-    happens to agree with a misconfigured reference)."""
-    if pair.name != "smollm2_gguf":
-        pytest.skip("real-weights model only")
-    out = pair.engine.generate(GGUF_PROMPT, {"max_new_tokens": 8, "temperature": 0})
-    assert "universe" in out["text"] or "telescope" in out["text"] or "star" in out["text"], \
-        out["text"]
-    assert_no_leak(pair.engine)

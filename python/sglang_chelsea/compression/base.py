@@ -22,8 +22,10 @@ class KVCompressor(ABC):
     """
 
     @abstractmethod
-    def compress_reqs(self, scheduler: "Scheduler", reqs: list["Req"]) -> None:
-        """Compress every completed, not yet compressed page of ``reqs``."""
+    def compress_reqs(self, scheduler: "Scheduler", reqs: list["Req"],
+                      finishing: bool = False) -> None:
+        """Compress the completed pages of ``reqs`` that are due (all of them when the
+        request is finishing or being retracted); advance ``req.compressed_pages``."""
 
     @abstractmethod
     def stats(self) -> dict[str, Any]:

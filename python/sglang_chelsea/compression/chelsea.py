@@ -37,15 +37,19 @@ class ChelseaCompressor(KVCompressor):
         self.sink_tokens = server_args.chelsea_sink_tokens
         self.full_layers = server_args.chelsea_full_layers
         self.size_bias = server_args.chelsea_size_bias
+        self.recent_chunks = server_args.chelsea_recent_chunks
         self.clustered_chunks = 0
         self.clustered_tokens = 0
         self.kept_slots = 0
         self.cluster_time = 0.0
 
-    def compress_reqs(self, scheduler: "Scheduler", reqs: list["Req"]) -> None:
+    def compress_reqs(self, scheduler: "Scheduler", reqs: list["Req"],
+                      finishing: bool = False) -> None:
         jobs: list[tuple["Req", int]] = []  # (request, page index)
         for req in reqs:
-            for page in range(req.compressed_pages, len(req.page_lens)):
+            # The newest `recent_chunks` completed chunks stay raw until later ones complete.
+            due = len(req.page_lens) - (0 if finishing else self.recent_chunks)
+            for page in range(req.compressed_pages, due):
                 jobs.append((req, page))
         if not jobs:
             return
@@ -101,8 +105,8 @@ class ChelseaCompressor(KVCompressor):
             self.clustered_chunks += 1
             self.clustered_tokens += c
             self.kept_slots += m
-        for req, _ in jobs:
-            req.compressed_pages = len(req.page_lens)
+        for req, page in jobs:
+            req.compressed_pages = max(req.compressed_pages, page + 1)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -27,7 +27,8 @@ class StreamingCompressor(KVCompressor):
         self.window_pages = max(1, math.ceil(server_args.streaming_window / self.page))
         self.evicted_pages = 0
 
-    def compress_reqs(self, scheduler: "Scheduler", reqs: list["Req"]) -> None:
+    def compress_reqs(self, scheduler: "Scheduler", reqs: list["Req"],
+                      finishing: bool = False) -> None:
         for req in reqs:
             keep_from = len(req.page_lens) - self.window_pages
             for page in range(req.compressed_pages, max(keep_from, req.compressed_pages)):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -27,6 +26,7 @@ from sglang_chelsea.port_args import PortArgs
 from sglang_chelsea.sampling.sampling_params import SamplingParams
 from sglang_chelsea.server_args import ServerArgs
 from sglang_chelsea.utils.log_config import configure_logger
+from sglang_chelsea.utils.subprocess_signals import install_subprocess_signal_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class DetokenizerManager:
 def run_detokenizer_process(server_args: ServerArgs, port_args: PortArgs,
                             ready_writer: Connection) -> None:
     """Subprocess entry point: load the tokenizer, report readiness, translate until orphaned."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    install_subprocess_signal_handlers()
     configure_logger(server_args.log_level, " Detokenizer")
     parent_pid = os.getppid()
     try:
@@ -124,7 +124,7 @@ def run_detokenizer_process(server_args: ServerArgs, port_args: PortArgs,
         recv_from_scheduler.bind(port_args.detokenizer_ipc_name)
         send_to_tokenizer = context.socket(zmq.PUSH)
         send_to_tokenizer.connect(port_args.tokenizer_ipc_name)
-    except BaseException:
+    except Exception:
         logger.error("detokenizer failed to start:\n%s", traceback.format_exc())
         ready_writer.send({"status": "error", "error": traceback.format_exc()})
         raise SystemExit(1)
@@ -141,6 +141,6 @@ def run_detokenizer_process(server_args: ServerArgs, port_args: PortArgs,
                 send_to_tokenizer.send_pyobj(manager.handle_batch_token_id_out(msg))
             else:
                 logger.error("detokenizer: unknown message %r", type(msg).__name__)
-    except BaseException:
+    except Exception:
         logger.error("detokenizer crashed:\n%s", traceback.format_exc())
         raise SystemExit(1)

@@ -39,6 +39,9 @@ class Req:
         self.physical_len = 0
         self.page_lens: list[int] = []  # physical slots of each completed page in the row
         self.compressed_pages = 0  # leading pages of page_lens already compressed
+        # Leading pages that may enter the radix tree: all completed pages without
+        # compression; only the compressed ones with it (set by the scheduler).
+        self.shareable_pages = 0
         self.last_node: Any = None
         self.tree_len = 0  # logical tokens of the row owned by the radix tree (locked)
         self.tree_phys_len = 0
@@ -115,6 +118,7 @@ class Req:
         self.physical_len = 0
         self.page_lens = []
         self.compressed_pages = 0
+        self.shareable_pages = 0
         self.last_node = None
         self.tree_len = 0
         self.tree_phys_len = 0

@@ -196,6 +196,7 @@ class Scheduler:
         req.physical_len = req.tree_phys_len = match.physical_len
         req.page_lens = list(match.page_lens)
         req.compressed_pages = len(match.page_lens) if self.kv_compressor is not None else 0
+        req.shareable_pages = len(match.page_lens)
         if req.cached_tokens is None:
             req.cached_tokens = logical
         return True
@@ -213,7 +214,9 @@ class Scheduler:
             return False
         if self._available_slots() < n + reserve:
             n = self._available_slots() - reserve
-            if n <= 0 or (n < remaining and n < min(budget, 16)):
+            # A chunk cut short by memory only when nothing else needs KV to decode: else
+            # it would take the slots the running requests grow into (and be retracted).
+            if n <= 0 or (n < remaining and (reserve > 0 or n < min(budget, 16))):
                 return False
         slots = self._alloc_slots(n)
         if slots is None:
@@ -300,11 +303,23 @@ class Scheduler:
         complete = req.logical_len // self.page_size
         while len(req.page_lens) < complete:
             req.page_lens.append(self.page_size)
+        self._update_shareable(req)
+
+    def _update_shareable(self, req: Req) -> None:
+        req.shareable_pages = (len(req.page_lens) if self.kv_compressor is None
+                               else req.compressed_pages)
+
+    def _compress(self, reqs: list[Req], finishing: bool = False) -> None:
+        """Run the compression policy on completed pages (all of them when finishing)."""
+        if self.kv_compressor is None:
+            return
+        self.kv_compressor.compress_reqs(self, reqs, finishing)
+        for req in reqs:
+            self._update_shareable(req)
 
     def _compress_and_cache(self, reqs: list[Req]) -> None:
         """Compress completed chunks (if a policy is on), then share completed pages."""
-        if self.kv_compressor is not None:
-            self.kv_compressor.compress_reqs(self, reqs)
+        self._compress(reqs)
         for req in reqs:
             if req.logical_len < req.seq_len() and not req.finished():
                 self.tree_cache.cache_unfinished_req(req)
@@ -327,9 +342,14 @@ class Scheduler:
         return list(self.running)
 
     def retract_one(self) -> bool:
-        """Move the running request with the most decoding left back to the queue."""
-        if len(self.running) <= 1 and self._available_slots() == 0 and not self.running:
-            return False
+        """Free KV for decoding: retract the partly prefilled (chunked) request if any, else
+        move the running request with the most decoding left back to the queue."""
+        if self.chunked_req is not None:
+            # It has decoded nothing yet; aborting a lone running request for it would be wrong.
+            victim = self.chunked_req
+            self.chunked_req = None
+            self._retract(victim)
+            return True
         if not self.running:
             return False
         victim = max(self.running, key=lambda r: (r.sampling_params.max_new_tokens
@@ -342,13 +362,21 @@ class Scheduler:
             self._release_finished(victim)
             return True
         self.running.remove(victim)
+        self._retract(victim)
+        return True
+
+    def _retract(self, victim: Req) -> None:
+        """Release ``victim``'s KV (its completed pages stay in the radix cache) and queue
+        it first; it resumes by prefilling its prompt and the tokens it has generated."""
         self.tree_cache.cache_finished_req(victim)
         victim.reset_kv_state()
+        if not victim.input_logprobs_done:  # recomputed from the start on re-admission
+            victim.input_token_logprobs = []
+            victim.input_top_logprobs = []
         victim.num_retractions += 1
         self.waiting_queue.insert(0, victim)
         logger.info("Retracted request %s (KV pool short); %d running", victim.rid,
                     len(self.running))
-        return True
 
     def run_decode(self, reqs: list[Req]) -> None:
         table = self.req_to_token_pool.req_to_token
@@ -371,8 +399,7 @@ class Scheduler:
             req.logical_len += 1
             req.physical_len += 1
             self._update_pages(req)
-        if self.kv_compressor is not None:
-            self.kv_compressor.compress_reqs(self, reqs)
+        self._compress(reqs)
         sample_batch(self, reqs, logits)
         for req in reqs:
             if req.finished():
@@ -386,6 +413,7 @@ class Scheduler:
     # ------------------------------------------------------------------ outputs
     def _release_finished(self, req: Req) -> None:
         if req.req_pool_idx is not None:
+            self._compress([req], finishing=True)
             self.tree_cache.cache_finished_req(req)
             req.reset_kv_state()
         self._emit(req)

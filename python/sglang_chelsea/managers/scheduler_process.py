@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
@@ -31,6 +30,7 @@ from sglang_chelsea.port_args import PortArgs
 from sglang_chelsea.sampling.sampling_params import SamplingParams
 from sglang_chelsea.server_args import ServerArgs
 from sglang_chelsea.utils.log_config import configure_logger
+from sglang_chelsea.utils.subprocess_signals import install_subprocess_signal_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -112,29 +112,26 @@ class SchedulerEventLoop:
     # ------------------------------------------------------------------ loop
     def event_loop(self) -> None:
         """Run until the parent process goes away."""
-        while True:
-            busy = self.scheduler.has_work()
-            msgs = self.recv_requests(block=not busy)
+        while os.getppid() == self.parent_pid:
+            msgs = self.recv_requests(block=not self.scheduler.has_work())
             if msgs:
                 self.process_input_requests(msgs)
-            elif not busy and os.getppid() != self.parent_pid:
-                logger.info("parent process exited; scheduler stopping")
-                return
             if self.scheduler.has_work():
                 outputs = self.scheduler.step()
                 if outputs:
                     self.send_outputs(outputs)
+        logger.info("parent process exited; scheduler stopping")
 
 
 def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs,
                           ready_writer: Connection) -> None:
     """Subprocess entry point: load the model, report readiness (or the error), serve."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent shuts us down
+    install_subprocess_signal_handlers()
     configure_logger(server_args.log_level, " Scheduler")
     try:
         scheduler = Scheduler(server_args)
         loop = SchedulerEventLoop(scheduler, port_args)
-    except BaseException:
+    except Exception:
         logger.error("scheduler failed to start:\n%s", traceback.format_exc())
         ready_writer.send({"status": "error", "error": traceback.format_exc()})
         raise SystemExit(1)
@@ -142,6 +139,6 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs,
     ready_writer.close()
     try:
         loop.event_loop()
-    except BaseException:
+    except Exception:
         logger.error("scheduler crashed:\n%s", traceback.format_exc())
         raise SystemExit(1)

@@ -280,14 +280,14 @@ class RadixCache:
         """
         if self.disable:
             return
-        pages = len(req.page_lens)
+        pages = req.shareable_pages
         if pages * self.page_size <= req.tree_len:
             return
         row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
         key = req.kv_token_ids()[: pages * self.page_size]
-        phys_pages = sum(req.page_lens)
+        phys_pages = sum(req.page_lens[:pages])
         value = row[:phys_pages].to(torch.int64)
-        self.insert(key, value, list(req.page_lens))
+        self.insert(key, value, list(req.page_lens[:pages]))
         match = self.match_prefix(key)
         assert match.physical_len == sum(match.page_lens)
         # Free the request's own slots that the tree now holds in its own copy.
@@ -304,7 +304,7 @@ class RadixCache:
             row[own_start:match.physical_len] = theirs.to(row.dtype)
             row[match.physical_len:new_p] = tail
             req.physical_len = new_p
-            req.page_lens = list(match.page_lens)
+            req.page_lens[:pages] = list(match.page_lens)
         self.dec_lock_ref(req.last_node)
         self.inc_lock_ref(match.last_node)
         req.last_node = match.last_node

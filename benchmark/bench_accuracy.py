@@ -1,0 +1,256 @@
+"""Long-context accuracy of KV policies against the full cache, on one model.
+
+    python benchmark/bench_accuracy.py --policies none chelsea:keep=0.5 chelsea:keep=0.2 \
+        streaming:keep=0.2 --tasks passkey kl --context-lens 2048 4096 8192 --num-keys 5 \
+        --output results/accuracy.json --plot docs/img/accuracy_vs_kv.png
+
+Policy specs: ``none``; ``chelsea:keep=R,round=F,sim=S,chunk=C,bias=0|1,sink=N,recent=W``;
+``streaming:keep=R`` (sinks + a recent window of R x context tokens: the same memory as
+Chelsea at keep R). Prompts are prefilled one chunk per step, so a question never sees
+raw context that a policy would compress (the question is fed after compression).
+
+Tasks:
+- passkey: the plain passkey prompt of environment.md, ``--num-keys`` keys at evenly
+  spread depths per context length; greedy; correct if the key is in the answer.
+- kl: teacher-forced next-token distributions on ``--kl-tokens`` tokens of real English
+  text found on the machine; mean KL(full || policy), top-1 agreement with the full
+  cache and perplexity, over positions after the first chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from sglang_chelsea import Engine
+from sglang_chelsea.utils.long_context_tasks import passkey_prompt
+
+TEXT_CANDIDATES = ["/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/GFDL-1.3",
+                   "/usr/share/common-licenses/Apache-2.0", "/usr/share/common-licenses/LGPL-3"]
+
+
+@dataclass
+class Policy:
+    """A parsed policy spec."""
+
+    spec: str
+    name: str
+    keep: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def engine_args(self, context_len: int) -> dict[str, Any]:
+        if self.name == "none":
+            return {"kv_compression": "none"}
+        if self.name == "streaming":
+            return {"kv_compression": "streaming", "chelsea_chunk_size": self.args.get("chunk", 128),
+                    "streaming_window": max(1, int(self.keep * context_len))}
+        return {
+            "kv_compression": "chelsea", "chelsea_keep_ratio": self.keep,
+            "chelsea_chunk_size": int(self.args.get("chunk", 128)),
+            "chelsea_round_fraction": float(self.args.get("round", 0.125)),
+            "chelsea_min_similarity": float(self.args.get("sim", 0.0)),
+            "chelsea_size_bias": bool(int(self.args.get("bias", 1))),
+            "chelsea_sink_tokens": int(self.args.get("sink", 4)),
+            "chelsea_recent_chunks": int(self.args.get("recent", 1)),
+        }
+
+
+def parse_policy(spec: str) -> Policy:
+    name, _, rest = spec.partition(":")
+    if name not in ("none", "chelsea", "streaming"):
+        raise ValueError(f"unknown policy {name!r} in {spec!r}")
+    args: dict[str, Any] = {}
+    for part in filter(None, rest.split(",")):
+        key, _, value = part.partition("=")
+        args[key] = value
+    keep = float(args.pop("keep", 1.0))
+    return Policy(spec, name, keep, args)
+
+
+def make_engine(policy: Policy, context_len: int, model_path: Optional[str]) -> Engine:
+    chunk = int(policy.args.get("chunk", 128))
+    return Engine(model_path=model_path, max_total_tokens=context_len + 1024, log_level="warning",
+                  chunked_prefill_size=chunk, disable_radix_cache=True,
+                  **policy.engine_args(context_len))
+
+
+def run_passkey(engine: Engine, context_len: int, num_keys: int, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed + context_len)
+    hits, cases = 0, []
+    for i in range(num_keys):
+        key = rng.randint(10000, 99999)
+        depth = (i + 0.5) / num_keys
+        prompt = passkey_prompt(engine.tokenizer, key, context_len, depth)
+        out = engine.generate(prompt, {"temperature": 0, "max_new_tokens": 10})
+        ok = str(key) in out["text"]
+        hits += ok
+        cases.append({"key": key, "depth": round(depth, 3), "answer": out["text"], "ok": ok})
+    kv = engine.get_server_info()["kv_cache"]
+    return {"accuracy": hits / num_keys, "cases": cases, "kv_after": kv}
+
+
+class LogitsRecorder:
+    """Wraps a ModelRunner's forward to keep the logits of every extend pass."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.runner = engine.scheduler.model_runner
+        self.original = self.runner.forward
+        self.allocator = engine.scheduler.allocator
+        self.rows: list[torch.Tensor] = []
+        self.peak_slots = 0
+        self.runner.forward = self._forward  # type: ignore[method-assign]
+
+    def _forward(self, fb: Any) -> torch.Tensor:
+        # Slots in use when a pass starts: the (compressed) history plus this step's raw tokens.
+        used = self.allocator.size - self.allocator.available_size()
+        self.peak_slots = max(self.peak_slots, used)
+        logits = self.original(fb)
+        if fb.forward_mode.is_extend():
+            self.rows.append(logits.clone())
+        return logits
+
+    def logits(self, n: int) -> torch.Tensor:
+        return torch.cat(self.rows)[:n]
+
+    def close(self) -> None:
+        self.runner.forward = self.original  # type: ignore[method-assign]
+
+
+def teacher_forced_logprobs(engine: Engine, ids: list[int]) -> tuple[torch.Tensor, float]:
+    """Log-probabilities at positions 0..n-2 (predicting tokens 1..n-1) under the policy,
+    with the whole text prefilled chunk by chunk; and the peak KV slots in use as a
+    fraction of the text length (1.0 for the full cache)."""
+    recorder = LogitsRecorder(engine)
+    try:
+        engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 0},
+                        return_logprob=True, logprob_start_len=0)
+        logits = recorder.logits(len(ids) - 1)
+    finally:
+        recorder.close()
+    return torch.log_softmax(logits.float(), dim=-1), recorder.peak_slots / len(ids)
+
+
+def kl_metrics(ref: torch.Tensor, got: torch.Tensor, ids: list[int], skip: int) -> dict[str, float]:
+    ref, got = ref[skip:], got[skip:]
+    targets = torch.tensor(ids[skip + 1:skip + 1 + ref.shape[0]])
+    kl = (ref.exp() * (ref - got)).sum(-1)
+    nll = -got.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return {
+        "kl": float(kl.mean()),
+        "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+        "ppl": float(nll.mean().exp()),
+    }
+
+
+def read_text(path: Optional[str]) -> str:
+    for candidate in ([path] if path else TEXT_CANDIDATES):
+        if candidate and os.path.exists(candidate):
+            with open(candidate, encoding="utf-8", errors="ignore") as f:
+                return f.read()
+    raise FileNotFoundError("no English text file found; pass --text-file")
+
+
+def plot(results: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for family in sorted({r["policy_family"] for r in results}):
+        for task, ax, key in (("passkey", axes[0], "accuracy"), ("kl", axes[1], "kl")):
+            pts = sorted((r["kv_kept"], r[key]) for r in results
+                         if r["policy_family"] == family and r["task"] == task)
+            if pts:
+                by_keep: dict[float, list[float]] = {}
+                for x, y in pts:
+                    by_keep.setdefault(x, []).append(y)
+                xs = sorted(by_keep)
+                ax.plot(xs, [sum(by_keep[x]) / len(by_keep[x]) for x in xs], marker="o",
+                        label=family)
+    axes[0].set(xlabel="KV kept (fraction of the full cache)", ylabel="passkey accuracy",
+                title="Passkey (mean over context lengths)")
+    axes[1].set(xlabel="KV kept (fraction of the full cache)", ylabel="KL(full || policy)",
+                title="Teacher-forced KL on real text", yscale="log")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", type=str, default=None)
+    parser.add_argument("--policies", nargs="+", default=["none", "chelsea:keep=0.5"])
+    parser.add_argument("--tasks", nargs="+", default=["passkey", "kl"], choices=["passkey", "kl"])
+    parser.add_argument("--context-lens", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--num-keys", type=int, default=5)
+    parser.add_argument("--kl-tokens", type=int, default=4096)
+    parser.add_argument("--text-file", type=str, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=str, default="accuracy.json")
+    parser.add_argument("--plot", type=str, default=None)
+    args = parser.parse_args(argv)
+    policies = [parse_policy(s) for s in args.policies]
+    results: list[dict[str, Any]] = []
+    ref_logprobs: Optional[torch.Tensor] = None
+    text_ids: list[int] = []
+    if "kl" in args.tasks:
+        engine = make_engine(parse_policy("none"), args.kl_tokens, args.model_path)
+        text_ids = engine.tokenizer.encode(read_text(args.text_file))[: args.kl_tokens]
+        ref_logprobs, _ = teacher_forced_logprobs(engine, text_ids)
+        engine.shutdown()
+    for policy in policies:
+        family = policy.spec.split(":")[0] if policy.name != "chelsea" else \
+            "chelsea" + "".join(f" {k}={v}" for k, v in sorted(policy.args.items()))
+        base = {"policy": policy.spec, "policy_family": family, "kv_kept": policy.keep}
+        if "kl" in args.tasks:
+            assert ref_logprobs is not None
+            engine = make_engine(policy, args.kl_tokens, args.model_path)
+            t0 = time.perf_counter()
+            got, peak = teacher_forced_logprobs(engine, text_ids)
+            kv = engine.get_server_info()["kv_cache"]
+            row = {**base, "task": "kl", "context_len": len(text_ids), "peak_kv_fraction": round(peak, 4),
+                   **kl_metrics(ref_logprobs, got, text_ids, skip=128),
+                   "seconds": round(time.perf_counter() - t0, 1),
+                   "clustering_seconds": kv.get("clustering_seconds")}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            engine.shutdown()
+        if "passkey" in args.tasks:
+            for ctx in args.context_lens:
+                engine = make_engine(policy, ctx, args.model_path)
+                t0 = time.perf_counter()
+                res = run_passkey(engine, ctx, args.num_keys, args.seed)
+                row = {**base, "task": "passkey", "context_len": ctx, "accuracy": res["accuracy"],
+                       "cases": res["cases"], "seconds": round(time.perf_counter() - t0, 1)}
+                results.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "cases"}), flush=True)
+                engine.shutdown()
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(results, f, indent=1)
+    print("\npolicy | task | context | accuracy / KL | top-1 | ppl | peak KV fraction")
+    print("--- | --- | --- | --- | --- | --- | ---")
+    for r in results:
+        if r["task"] == "passkey":
+            print(f"{r['policy']} | passkey | {r['context_len']} | {r['accuracy']:.2f} | | |")
+        else:
+            print(f"{r['policy']} | kl | {r['context_len']} | {r['kl']:.4f} | "
+                  f"{r['top1_agreement']:.3f} | {r['ppl']:.2f} | {r['peak_kv_fraction']:.3f}")
+    if args.plot:
+        plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""OpenAI-compatible adapters: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
+
+Each request becomes a GenerateReqInput for the TokenizerManager; its SGLang responses
+(cumulative text + meta_info) are reshaped into OpenAI objects or stream chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from sglang_chelsea.entrypoints.chat_template import apply_chat_template
+from sglang_chelsea.entrypoints.http_errors import (
+    error_body,
+    error_response,
+    validation_error_message,
+)
+from sglang_chelsea.entrypoints.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+)
+from sglang_chelsea.entrypoints.sse import SSE_DONE, sse_data, sse_response
+from sglang_chelsea.managers.generate_request import GenerateReqInput
+from sglang_chelsea.managers.tokenizer_manager import (
+    ClientDisconnectedError,
+    ServerDeadError,
+    TokenizerManager,
+)
+
+LogprobEntry = list[Any]  # [logprob, token_id, token_text]
+
+
+def finish_reason_str(reason: dict[str, Any] | None) -> str | None:
+    """SGLang's finish_reason dict -> OpenAI's string ("stop", "length" or "abort")."""
+    return None if reason is None else reason.get("type")
+
+
+def matched_stop(reason: dict[str, Any] | None) -> Any:
+    return None if reason is None else reason.get("matched")
+
+
+def usage_of(metas: list[dict[str, Any]]) -> dict[str, Any]:
+    prompt = sum(m["prompt_tokens"] for m in metas)
+    completion = sum(m["completion_tokens"] for m in metas)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(m["cached_tokens"] for m in metas)}}
+
+
+def completion_logprobs(entries: list[LogprobEntry], tops: list[Any] | None,
+                        offset: int) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object; ``offset`` is the first token's text offset."""
+    text_offset = []
+    for entry in entries:
+        text_offset.append(offset)
+        offset += len(entry[2] or "")
+    return {
+        "tokens": [e[2] for e in entries],
+        "token_logprobs": [e[0] for e in entries],
+        "top_logprobs": [{t[2]: t[0] for t in top} if top else None for top in tops]
+        if tops is not None else None,
+        "text_offset": text_offset,
+    }
+
+
+def chat_logprobs(entries: list[LogprobEntry], tops: list[Any] | None) -> dict[str, Any]:
+    """The chat ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    content = []
+    for i, (logprob, _, text) in enumerate(entries):
+        top = tops[i] if tops is not None and i < len(tops) and tops[i] else []
+        content.append({
+            "token": text, "logprob": logprob, "bytes": list((text or "").encode()),
+            "top_logprobs": [{"token": t[2], "logprob": t[0], "bytes": list((t[2] or "").encode())}
+                             for t in top]})
+    return {"content": content}
+
+
+class OpenAIServing:
+    """Serves the OpenAI endpoints on top of a TokenizerManager."""
+
+    def __init__(self, tokenizer_manager: TokenizerManager, chat_template: str | None) -> None:
+        self.tm = tokenizer_manager
+        self.chat_template = chat_template
+
+    # ------------------------------------------------------------------ models
+    def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": self.tm.served_model_name, "object": "model", "created": int(time.time()),
+            "owned_by": "sglang", "root": self.tm.model_path,
+            "max_model_len": self.tm.context_len}]}
+
+    # ------------------------------------------------------------------ helpers
+    def _prepare(self, req: SamplingFields, obj: GenerateReqInput, max_tokens: int | None
+                 ) -> list[Any]:
+        """Check and tokenize; with no token limit, allow the rest of the context."""
+        if req.n != 1:
+            raise ValueError(f"n must be 1 (only one choice per prompt is supported), got {req.n}")
+        obj.check()
+        prepared = self.tm.prepare_request(obj)
+        if max_tokens is None:
+            for _, tokenized in prepared:
+                tokenized.sampling_params.max_new_tokens = \
+                    self.tm.context_len - len(tokenized.input_ids)
+        return prepared
+
+    async def _respond(self, obj: GenerateReqInput, prepared: list[Any], raw_request: Request,
+                       render: Any, stream: Any) -> Response:
+        """Non-streaming: ``render(list of SGLang responses)``; streaming: ``stream(generator)``."""
+        gen = self.tm.generate_request(obj, prepared, raw_request)
+        if obj.stream:
+            return sse_response(stream(gen))
+        try:
+            outs = await gen.__anext__()
+        except ClientDisconnectedError:
+            return Response(status_code=499)
+        except ServerDeadError as exc:
+            return error_response(str(exc), 503)
+        finally:
+            await gen.aclose()
+        return JSONResponse(render(outs if isinstance(outs, list) else [outs]))
+
+    @staticmethod
+    async def _events(gen: AsyncIterator[dict[str, Any]]
+                      ) -> AsyncIterator[tuple[int, str, dict[str, Any]]]:
+        """``(index, new text, response)`` for each streamed SGLang response."""
+        sent: dict[int, str] = {}
+        async for out in gen:
+            index = out.get("index", 0)
+            previous = sent.get(index, "")
+            sent[index] = out["text"]
+            yield index, out["text"][len(previous):], out
+
+    # ------------------------------------------------------------------ completions
+    async def create_completion(self, body: Any, raw_request: Request) -> Response:
+        try:
+            req = CompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            return error_response(validation_error_message(exc))
+        try:
+            if req.suffix:
+                raise ValueError("suffix is not supported")
+            prompt = req.prompt
+            if isinstance(prompt, list) and not prompt:
+                raise ValueError("prompt must not be empty")
+            is_text = isinstance(prompt, str) or isinstance(prompt[0], str)
+            single = isinstance(prompt, str) or isinstance(prompt[0], int)
+            obj = GenerateReqInput(
+                text=prompt if is_text else None, input_ids=None if is_text else prompt,
+                sampling_params=req.sampling_params(req.max_tokens),
+                rid=req.rid if single else None,
+                return_logprob=req.logprobs is not None, top_logprobs_num=req.logprobs or 0,
+                return_text_in_logprobs=True, stream=req.stream)
+            prepared = self._prepare(req, obj, req.max_tokens)
+        except ServerDeadError as exc:
+            return error_response(str(exc), 503)
+        except ValueError as exc:
+            return error_response(str(exc))
+        prompts = [self.tm.tokenizer.decode(tok.input_ids) if tok.input_text is None
+                   else tok.input_text for _, tok in prepared]
+        cid = f"cmpl-{prepared[0][0].rid}"
+        created = int(time.time())
+        model = self.tm.served_model_name
+
+        def logprobs_of(meta: dict[str, Any], start: int, offset: int) -> Any:
+            if req.logprobs is None:
+                return None
+            tops = meta.get("output_top_logprobs") if req.logprobs else None
+            return completion_logprobs(meta["output_token_logprobs"][start:],
+                                       tops[start:] if tops is not None else None, offset)
+
+        def render(outs: list[dict[str, Any]]) -> dict[str, Any]:
+            choices = []
+            for i, out in enumerate(outs):
+                prefix = prompts[i] if req.echo else ""
+                reason = out["meta_info"]["finish_reason"]
+                choices.append({"index": i, "text": prefix + out["text"],
+                                "logprobs": logprobs_of(out["meta_info"], 0, len(prefix)),
+                                "finish_reason": finish_reason_str(reason),
+                                "matched_stop": matched_stop(reason)})
+            return {"id": cid, "object": "text_completion", "created": created, "model": model,
+                    "choices": choices, "usage": usage_of([o["meta_info"] for o in outs])}
+
+        async def stream(gen: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+            metas: dict[int, dict[str, Any]] = {}
+            sent_lp: dict[int, int] = {}
+            text_len: dict[int, int] = {}
+            try:
+                async for index, delta, out in self._events(gen):
+                    meta = out["meta_info"]
+                    if index not in metas and req.echo:
+                        delta = prompts[index] + delta
+                    metas[index] = meta
+                    reason = meta["finish_reason"]
+                    start = sent_lp.get(index, 0)
+                    logprobs = logprobs_of(meta, start, text_len.get(index, 0))
+                    sent_lp[index] = len(meta.get("output_token_logprobs") or [])
+                    text_len[index] = text_len.get(index, 0) + len(delta)
+                    if not delta and reason is None and not (logprobs and logprobs["tokens"]):
+                        continue
+                    yield sse_data({
+                        "id": cid, "object": "text_completion", "created": created,
+                        "model": model, "choices": [{
+                            "index": index, "text": delta, "logprobs": logprobs,
+                            "finish_reason": finish_reason_str(reason),
+                            "matched_stop": matched_stop(reason)}]})
+                if req.include_usage:
+                    yield sse_data({"id": cid, "object": "text_completion", "created": created,
+                                    "model": model, "choices": [],
+                                    "usage": usage_of(list(metas.values()))})
+            except ServerDeadError as exc:
+                yield sse_data(error_body(str(exc), 503))
+            yield SSE_DONE
+
+        return await self._respond(obj, prepared, raw_request, render, stream)
+
+    # ------------------------------------------------------------------ chat
+    def _chat_prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
+        if req.tools:
+            raise ValueError("tools are not supported")
+        if req.response_format is not None and req.response_format.type != "text":
+            raise ValueError(f"response_format {req.response_format.type!r} is not supported")
+        messages = []
+        for m in req.messages:
+            message = m.model_dump(exclude_none=True)
+            message["content"] = m.text_content()
+            messages.append(message)
+        prompt = apply_chat_template(self.tm.tokenizer, self.chat_template, messages,
+                                     add_generation_prompt=True,
+                                     continue_final_message=req.continue_final_message,
+                                     **(req.chat_template_kwargs or {}))
+        return self.tm.tokenizer.encode(prompt, add_special_tokens=False)
+
+    async def create_chat_completion(self, body: Any, raw_request: Request) -> Response:
+        try:
+            req = ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            return error_response(validation_error_message(exc))
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
+            else req.max_tokens
+        try:
+            obj = GenerateReqInput(
+                input_ids=self._chat_prompt_ids(req),
+                sampling_params=req.sampling_params(max_tokens), rid=req.rid,
+                return_logprob=req.logprobs, top_logprobs_num=req.top_logprobs or 0,
+                return_text_in_logprobs=True, stream=req.stream)
+            prepared = self._prepare(req, obj, max_tokens)
+        except ServerDeadError as exc:
+            return error_response(str(exc), 503)
+        except ValueError as exc:
+            return error_response(str(exc))
+        cid = f"chatcmpl-{prepared[0][0].rid}"
+        created = int(time.time())
+        model = self.tm.served_model_name
+
+        def logprobs_of(meta: dict[str, Any], start: int) -> Any:
+            if not req.logprobs:
+                return None
+            tops = meta.get("output_top_logprobs")
+            return chat_logprobs(meta["output_token_logprobs"][start:],
+                                 tops[start:] if tops is not None else None)
+
+        def render(outs: list[dict[str, Any]]) -> dict[str, Any]:
+            out = outs[0]
+            reason = out["meta_info"]["finish_reason"]
+            return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{
+                        "index": 0,
+                        "message": {"role": "assistant", "content": out["text"],
+                                    "reasoning_content": None, "tool_calls": None},
+                        "logprobs": logprobs_of(out["meta_info"], 0),
+                        "finish_reason": finish_reason_str(reason),
+                        "matched_stop": matched_stop(reason)}],
+                    "usage": usage_of([out["meta_info"]])}
+
+        def chunk(delta: dict[str, Any], logprobs: Any = None, reason: Any = None) -> str:
+            return sse_data({"id": cid, "object": "chat.completion.chunk", "created": created,
+                             "model": model, "choices": [{
+                                 "index": 0, "delta": delta, "logprobs": logprobs,
+                                 "finish_reason": finish_reason_str(reason),
+                                 "matched_stop": matched_stop(reason)}]})
+
+        async def stream(gen: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+            meta: dict[str, Any] | None = None
+            sent_lp = 0
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                async for _, delta, out in self._events(gen):
+                    meta = out["meta_info"]
+                    reason = meta["finish_reason"]
+                    logprobs = logprobs_of(meta, sent_lp)
+                    sent_lp = len(meta.get("output_token_logprobs") or [])
+                    if delta or reason is not None or (logprobs and logprobs["content"]):
+                        yield chunk({"content": delta} if delta else {}, logprobs, reason)
+                if req.include_usage and meta is not None:
+                    yield sse_data({"id": cid, "object": "chat.completion.chunk",
+                                    "created": created, "model": model, "choices": [],
+                                    "usage": usage_of([meta])})
+            except ServerDeadError as exc:
+                yield sse_data(error_body(str(exc), 503))
+            yield SSE_DONE
+
+        return await self._respond(obj, prepared, raw_request, render, stream)

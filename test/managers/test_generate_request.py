@@ -1,0 +1,69 @@
+"""GenerateReqInput: parsing /generate bodies into per-prompt items (no model needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sglang_chelsea.managers.generate_request import GenerateReqInput
+
+
+class _Tok:
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+
+def test_single_text_defaults() -> None:
+    obj = GenerateReqInput.from_dict({"text": "hi", "sampling_params": {"max_new_tokens": 3}})
+    assert obj.is_single and obj.batch_size == 1
+    (item,) = obj.to_items()
+    tok = item.tokenize(_Tok())
+    assert tok.input_ids == [104, 105]
+    assert tok.sampling_params.max_new_tokens == 3
+    assert tok.logprob_start_len == -1 and not tok.return_logprob
+    assert len(tok.rid) == 32
+
+
+def test_batch_with_per_item_fields() -> None:
+    obj = GenerateReqInput.from_dict({
+        "input_ids": [[1, 2], [3]], "rid": ["a", "b"], "return_logprob": [True, False],
+        "logprob_start_len": 0, "sampling_params": [{"max_new_tokens": 1}, {"temperature": 0}],
+    })
+    assert not obj.is_single and obj.batch_size == 2
+    a, b = (item.tokenize(_Tok()) for item in obj.to_items())
+    assert (a.rid, a.return_logprob, a.logprob_start_len) == ("a", True, 0)
+    assert (b.rid, b.return_logprob, b.logprob_start_len) == ("b", False, -1)
+    assert b.sampling_params.temperature == 0
+
+
+def test_router_fields_are_accepted() -> None:
+    body = {"text": "x", "model": "m", "log_metrics": True, "background": False,
+            "no_logs": False, "return_bytes": False, "return_entropy": False,
+            "return_hidden_states": False, "lora_path": None, "return_routed_experts": False,
+            "stream_options": {"include_usage": True}, "custom_logit_processor": None,
+            "bootstrap_host": None, "bootstrap_room": 3, "data_parallel_rank": None,
+            "priority": 1}
+    assert GenerateReqInput.from_dict(body).to_items()[0].text == "x"
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({}, "text"),
+    ({"text": "a", "input_ids": [1]}, "text"),
+    ({"text": 3}, "text"),
+    ({"text": []}, "text"),
+    ({"input_ids": [1, "2"]}, "input_ids"),
+    ({"text": "a", "stream": "yes"}, "stream"),
+    ({"text": "a", "sampling_params": {"bogus": 1}}, "bogus"),
+    ({"text": "a", "sampling_params": 5}, "sampling_params"),
+    ({"text": ["a", "b"], "rid": "x"}, "rid"),
+    ({"text": ["a", "b"], "rid": ["x", "x"]}, "rid"),
+    ({"text": ["a", "b"], "sampling_params": [{}]}, "sampling_params"),
+    ({"text": "a", "return_logprob": "yes"}, "return_logprob"),
+    ({"text": "a", "top_logprobs_num": -1}, "top_logprobs_num"),
+    ({"text": "a", "return_hidden_states": True}, "return_hidden_states"),
+    ({"text": "a", "image_data": "x.png"}, "image_data"),
+])
+def test_bad_bodies_name_the_field(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        GenerateReqInput.from_dict(body).to_items()

@@ -1,0 +1,31 @@
+"""One server on the default model (SmolLM2-135M) shared by the tests of this package."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from utils.server_process import ServerProcess, launch_server_process
+
+
+@pytest.fixture(scope="package")
+def server(tmp_path_factory: pytest.TempPathFactory, default_model_path: str
+           ) -> Iterator[ServerProcess]:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    srv = launch_server_process(["--max-total-tokens", "20000"], log)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="package")
+def url(server: ServerProcess) -> str:
+    return server.url
+
+
+@pytest.fixture
+def http(url: str) -> Iterator[requests.Session]:
+    with requests.Session() as session:
+        yield session
+
