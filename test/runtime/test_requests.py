@@ -198,7 +198,9 @@ def test_stop_strings_trim_the_text(engine: Any, greedy_ids: list[int]) -> None:
     stop = _stop_strings(engine.tokenizer, greedy_ids)[0]
     out = engine.generate(input_ids=PROMPT,
                           sampling_params={**GREEDY, "stop": stop, "no_stop_trim": True})
-    assert out["text"].endswith(stop) or stop in out["text"]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert out["text"] == engine.tokenizer.decode(out["output_ids"])
+    assert out["text"].startswith(full[: full.index(stop) + len(stop)])
     assert_no_leak(engine)
 
 

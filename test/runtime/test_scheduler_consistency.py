@@ -87,8 +87,12 @@ def assert_matches(out: dict, expected: Result, what: str) -> None:
 
 
 # ---------------------------------------------------------------------- batching
-def test_mixed_batch_equals_each_alone(ref: Reference, tiny_llama_dir: str) -> None:
-    engine = make_engine(tiny_llama_dir, disable_radix_cache=True)
+@pytest.mark.parametrize("radix,page_size,max_running", [(False, 1, 64), (True, 4, 64),
+                                                         (True, 1, 2)])
+def test_mixed_batch_equals_each_alone(ref: Reference, tiny_llama_dir: str, radix: bool,
+                                       page_size: int, max_running: int) -> None:
+    engine = make_engine(tiny_llama_dir, disable_radix_cache=not radix, page_size=page_size,
+                         max_running_requests=max_running)
     max_new = [32, 5, 20, 32, 1, 12]  # requests leave the batch at different steps
     outs = engine.generate(input_ids=PROMPTS, return_logprob=[True, False] * 3,
                            logprob_start_len=[len(p) - 1 for p in PROMPTS],
@@ -146,7 +150,7 @@ def test_radix_hit_equals_miss(ref: Reference, tiny_llama_dir: str, page_size: i
     assert_matches(out, ref(turn2), "second turn")
     assert out["output_ids"][:NEW - 10] == base_out[10:]
 
-    # Without the cache in use the hit rate is reported.
+    # The hits show in the reported hit rate.
     assert engine.get_server_info()["kv_cache"]["cache_hit_rate"] > 0
     assert_no_leak(engine)
 
@@ -167,6 +171,27 @@ def test_shared_prefixes_within_one_batch(ref: Reference, tiny_llama_dir: str, p
     if chunk != -1:
         # Chunked: the later requests are admitted after the first one's prefill and hit it.
         assert outs[1]["meta_info"]["cached_tokens"] > 0
+    assert_no_leak(engine)
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_lru_eviction_keeps_outputs(ref: Reference, tiny_llama_dir: str, page_size: int) -> None:
+    """A pool of two requests' worth: cached prefixes are evicted (oldest first) to admit new
+    requests, and what stays cached still serves correct hits."""
+    prompts = [random_ids(95, seed=500 + i) for i in range(6)]
+    engine = make_engine(tiny_llama_dir, max_total_tokens=260, page_size=page_size)
+    for i, prompt in enumerate(prompts):
+        out = generate(engine, [prompt])[0]
+        assert out["meta_info"]["cached_tokens"] == 0
+        assert_matches(out, ref(prompt), f"request {i}")
+    kv = engine.get_server_info()["kv_cache"]
+    assert kv["radix_cache_slots"] > 0 and kv["free_slots"] + kv["radix_cache_slots"] == 260
+    newest = generate(engine, [prompts[-1]])[0]  # still cached
+    assert newest["meta_info"]["cached_tokens"] == 94 // page_size * page_size
+    assert_matches(newest, ref(prompts[-1]), "newest again")
+    oldest = generate(engine, [prompts[0]])[0]  # evicted long ago
+    assert oldest["meta_info"]["cached_tokens"] == 0
+    assert_matches(oldest, ref(prompts[0]), "oldest again")
     assert_no_leak(engine)
 
 

@@ -1,0 +1,101 @@
+"""The OpenAI-compatible endpoints through the ``openai`` Python client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+import requests
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+                       timeout=120) as c:
+        yield c
+
+
+def test_models(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].id.endswith(".gguf")
+    assert models[0].object == "model"
+
+
+def test_chat_stream_matches_non_stream(client: openai.OpenAI) -> None:
+    model = client.models.list().data[0].id
+    full = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=12,
+                                          temperature=0)
+    choice = full.choices[0]
+    assert full.object == "chat.completion" and choice.message.role == "assistant"
+    assert "Paris" in choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert full.usage.prompt_tokens > 0
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(
+        model=model, messages=QUESTION, max_completion_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == choice.finish_reason and not any(finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == \
+        full.usage.completion_tokens
+
+
+def test_chat_multi_turn_stop_and_logprobs(client: openai.OpenAI) -> None:
+    messages = [{"role": "system", "content": "Answer briefly."}, *QUESTION,
+                {"role": "assistant", "content": "Paris."},
+                {"role": "user", "content": [{"type": "text", "text": "And of Italy?"}]}]
+    out = client.chat.completions.create(model="m", messages=messages, max_tokens=8,
+                                         temperature=0, logprobs=True, top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    stopped = client.chat.completions.create(model="m", messages=messages, max_tokens=8,
+                                             temperature=0, stop=["Rome"])
+    assert "Rome" not in stopped.choices[0].message.content
+
+
+def test_completions(client: openai.OpenAI) -> None:
+    out = client.completions.create(model="m", prompt="The capital of France is",
+                                    max_tokens=6, temperature=0, logprobs=2)
+    choice = out.choices[0]
+    assert out.object == "text_completion" and "Paris" in choice.text
+    assert choice.finish_reason == "length" and out.usage.completion_tokens == 6
+    assert len(choice.logprobs.tokens) == 6 and "".join(choice.logprobs.tokens) == choice.text
+    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
+
+    stream = list(client.completions.create(model="m", prompt="The capital of France is",
+                                            max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in stream) == choice.text
+    assert stream[-1].choices[0].finish_reason == "length"
+
+    batch = client.completions.create(model="m", prompt=["1, 2, 3,", "a, b, c,"],
+                                      max_tokens=3, temperature=0, echo=True)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.choices[1].text.startswith("a, b, c,")
+
+
+def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
+    texts = {client.completions.create(model="m", prompt="Once upon a time", max_tokens=6,
+                                       temperature=1.0, seed=1234).choices[0].text
+             for _ in range(2)}
+    assert len(texts) == 1
+
+
+def test_bad_requests(client: openai.OpenAI, url: str) -> None:
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        client.chat.completions.create(model="m", messages=QUESTION, n=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="m", prompt="x", temperature=-1)
+    for body in ({"messages": []}, {"model": "m"}, {"messages": [{"role": "robot"}]},
+                 {"messages": QUESTION, "max_tokens": "many"}):
+        r = requests.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["message"]
+    r = requests.post(url + "/v1/completions", data="{nope", timeout=30)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
