@@ -3,8 +3,9 @@
     python benchmark/bench_one_batch.py --batch-size 1 8 --input-len 1024 4096 --output-len 32 \
         [--compare-hf] [--kv-compression chelsea --chelsea-keep-ratio 0.2] [--result-filename out.jsonl]
 
-Prints a table (prefill latency/throughput, median decode latency/throughput, peak RSS)
-and appends one JSON line per (batch size, input length) run.
+Prints a table (prefill latency/throughput, median decode latency/throughput, peak RSS, KV
+slots per request after prefill and at peak) and appends one JSON line per run. The
+prefill runs in one step unless --chunked-prefill-size is given.
 """
 
 from __future__ import annotations
@@ -36,24 +37,34 @@ def synthetic_input_ids(batch: int, length: int, vocab: int, seed: int = 0) -> l
     return torch.randint(100, vocab - 100, (batch, length), generator=g).tolist()
 
 
+def used_slots(scheduler: Scheduler) -> int:
+    return scheduler.max_total_num_tokens - scheduler.allocator.available_size()
+
+
 def run_ours(scheduler: Scheduler, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
-    """Prefill the whole batch in one step, then decode ``output_len - 1`` steps."""
+    """Prefill the whole batch (one step, or several with --chunked-prefill-size), then
+    decode ``output_len - 1`` steps. Tracks the KV slots in use."""
     for i, ids in enumerate(prompts):
         sp = SamplingParams(max_new_tokens=output_len, temperature=0, ignore_eos=True)
         sp.normalize()
         scheduler.add_request(TokenizedGenerateReqInput(f"bench-{i}", None, ids, sp))
+    peak = 0
     t0 = time.perf_counter()
-    scheduler.step()
+    while scheduler.waiting_queue or scheduler.chunked_req is not None:
+        scheduler.step()
+        peak = max(peak, used_slots(scheduler))
     prefill = time.perf_counter() - t0
-    assert not scheduler.waiting_queue and scheduler.chunked_req is None, \
-        "the batch did not prefill in one step: raise --max-total-tokens"
+    after_prefill = used_slots(scheduler)
     decode: list[float] = []
     while scheduler.has_work():
+        peak = max(peak, used_slots(scheduler))
         t0 = time.perf_counter()
         scheduler.step()
         decode.append(time.perf_counter() - t0)
     scheduler.flush_cache()
-    return {"prefill_latency": prefill, "decode_latencies": decode}
+    return {"prefill_latency": prefill, "decode_latencies": decode,
+            "kv_slots_after_prefill": after_prefill / len(prompts),
+            "kv_slots_peak": peak / len(prompts)}
 
 
 def run_hf(model: Any, prompts: list[list[int]], output_len: int) -> dict[str, Any]:
@@ -82,6 +93,8 @@ def summarize(name: str, batch: int, input_len: int, output_len: int,
         "median_decode_latency_ms": round(median * 1000, 2),
         "median_decode_throughput_tok_s": round(batch / median, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "kv_slots_per_req": round(run.get("kv_slots_after_prefill", float("nan")), 1),
+        "kv_slots_peak_per_req": round(run.get("kv_slots_peak", float("nan")), 1),
     }
 
 
@@ -100,7 +113,8 @@ def load_hf_model(model_path: str) -> Any:
 def print_table(rows: list[dict[str, Any]]) -> None:
     cols = ["engine", "batch_size", "input_len", "output_len", "prefill_latency_s",
             "prefill_throughput_tok_s", "median_decode_latency_ms",
-            "median_decode_throughput_tok_s", "peak_rss_mb"]
+            "median_decode_throughput_tok_s", "peak_rss_mb", "kv_slots_per_req",
+            "kv_slots_peak_per_req"]
     print(" | ".join(cols))
     print(" | ".join("---" for _ in cols))
     for row in rows:
@@ -123,7 +137,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     server_args = dataclasses.replace(
         server_args, max_total_tokens=max(server_args.max_total_tokens or 0, need),
         max_prefill_tokens=max(args.batch_size) * max(args.input_len),
-        chunked_prefill_size=-1, max_running_requests=max(server_args.max_running_requests,
+        chunked_prefill_size=(args.chunked_prefill_size if "--chunked-prefill-size" in
+                              (argv if argv is not None else sys.argv) else -1),
+        max_running_requests=max(server_args.max_running_requests,
                                                           max(args.batch_size)),
         log_level="warning", disable_radix_cache=True)
     scheduler = Scheduler(server_args)

@@ -78,7 +78,11 @@ class ChelseaCompressor(KVCompressor):
             first = page * c
             if first < self.sink_tokens:
                 protected[i, : self.sink_tokens - first] = True
-        result = chunked_soft_matching(
+        match = chunked_soft_matching
+        if keys.is_cuda:  # the Triton kernel on a GPU; the torch reference on the CPU
+            from sglang_chelsea.kernels.chunked_soft_matching_triton import (
+                chunked_soft_matching_triton as match)
+        result = match(
             keys, values, target=self.target, round_fraction=self.round_fraction,
             min_similarity=self.min_similarity, protected=protected.repeat(n_layers, 1))
         kept = result.num_kept.view(n_layers, n_chunks, h).amax(dim=(0, 2))  # [N]
