@@ -74,10 +74,13 @@ def parse_policy(spec: str) -> Policy:
     return Policy(spec, name, keep, args)
 
 
+NUM_THREADS: Optional[int] = None
+
+
 def make_engine(policy: Policy, context_len: int, model_path: Optional[str]) -> Engine:
     chunk = int(policy.args.get("chunk", 128))
     return Engine(model_path=model_path, max_total_tokens=context_len + 1024, log_level="warning",
-                  chunked_prefill_size=chunk, disable_radix_cache=True,
+                  chunked_prefill_size=chunk, disable_radix_cache=True, num_threads=NUM_THREADS,
                   **policy.engine_args(context_len))
 
 
@@ -200,7 +203,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=str, default="accuracy.json")
     parser.add_argument("--plot", type=str, default=None)
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch threads (1 avoids oversubscription on a busy machine)")
     args = parser.parse_args(argv)
+    global NUM_THREADS
+    NUM_THREADS = args.num_threads
     policies = [parse_policy(s) for s in args.policies]
     results: list[dict[str, Any]] = []
     ref_logprobs: Optional[torch.Tensor] = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from sglang_chelsea.managers.detokenizer_manager import (
     DecodeStatus,
     DetokenizerManager,

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import pytest
 import requests
-
 from utils.server_process import ServerProcess, launch_server_process
 
 
@@ -14,7 +13,7 @@ from utils.server_process import ServerProcess, launch_server_process
 def server(tmp_path_factory: pytest.TempPathFactory, default_model_path: str
            ) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    srv = launch_server_process(["--max-total-tokens", "20000"], log)
+    srv = launch_server_process(["--max-total-tokens", "20000", "--num-threads", "1"], log)
     yield srv
     srv.stop()
 

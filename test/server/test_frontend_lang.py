@@ -79,12 +79,12 @@ def test_fork(backend: Any) -> None:
 def test_run_batch_with_long_shared_prefix(backend: Any) -> None:
     items = ["a banana", "the sky", "grass", "snow", "a tomato", "coal"]
     states = shared_prefix.run_batch([{"item": i} for i in items], num_threads=len(items))
-    prefix_tokens = len(backend.chat_template.default_system_prompt or "") * 0 + 600
     for state in states:
         assert state["color"]
         meta = state.get_meta_info("color")
-        assert meta["prompt_tokens"] > prefix_tokens
-        assert meta["cached_tokens"] >= prefix_tokens
+        assert meta["prompt_tokens"] > 600
+        # everything but the item-specific tail comes from the cached prefix
+        assert meta["cached_tokens"] >= meta["prompt_tokens"] - 30
 
 
 def test_streaming(backend: Any) -> None:
@@ -93,3 +93,8 @@ def test_streaming(backend: Any) -> None:
     assert len(pieces) > 2
     assert "".join(pieces) == state.text()
     assert state.text().startswith("Once upon a time")
+
+
+def test_backend_control_calls(backend: Any) -> None:
+    backend.flush_cache()  # POST /flush_cache without a body
+    assert backend.get_server_info()["kv_cache"]["radix_cache_slots"] == 0

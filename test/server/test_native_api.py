@@ -3,6 +3,7 @@ info, load, metrics, health, flush_cache and abort_request."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -61,7 +62,7 @@ def test_generate_stream_is_cumulative(url: str) -> None:
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert len(chunks) >= 2
-    for prev, cur in zip(chunks, chunks[1:]):
+    for prev, cur in itertools.pairwise(chunks):
         assert cur["text"].startswith(prev["text"])
         assert cur["meta_info"]["completion_tokens"] >= prev["meta_info"]["completion_tokens"]
     assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])

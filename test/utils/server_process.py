@@ -49,8 +49,21 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def subprocess_pids(self) -> list[int]:
+        """The server's scheduler and detokenizer (spawned children, not the resource tracker)."""
+        pids = []
+        for child in child_pids(self.proc.pid):
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+                pids.append(child)
+        return pids
+
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM the server and wait for it; returns its exit code."""
+        """SIGTERM the server, wait for it, and check that its subprocesses are gone too."""
+        subprocs = self.subprocess_pids() if self.proc.poll() is None else []
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -58,7 +71,18 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+                raise RuntimeError("the server ignored SIGTERM") from None
+        wait_gone(subprocs, 10.0)
         return self.proc.returncode
+
+
+def wait_gone(pids: list[int], timeout: float) -> None:
+    """Wait until none of ``pids`` is alive; RuntimeError naming the survivors otherwise."""
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes still alive: {[p for p in pids if pid_alive(p)]}")
+        time.sleep(0.1)
 
 
 def launch_server_process(args: list[str], log_path: Path, timeout: float = 240.0
@@ -67,10 +91,9 @@ def launch_server_process(args: list[str], log_path: Path, timeout: float = 240.
     port = free_port()
     cmd = [sys.executable, "-m", "sglang_chelsea.launch_server", "--host", "127.0.0.1",
            "--port", str(port), *args]
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    log.close()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from sglang_chelsea.managers.generate_request import GenerateReqInput
 from sglang_chelsea.managers.req_state import ReqState
@@ -27,12 +27,12 @@ class Engine:
 
     # ------------------------------------------------------------------ generate
     def generate(self, prompt: PromptInput = None,
-                 sampling_params: Union[dict, list[dict], None] = None,
-                 input_ids: IdsInput = None, return_logprob: Union[bool, list[bool]] = False,
-                 logprob_start_len: Union[int, list[int], None] = None,
-                 top_logprobs_num: Union[int, list[int], None] = None,
+                 sampling_params: dict | list[dict] | None = None,
+                 input_ids: IdsInput = None, return_logprob: bool | list[bool] = False,
+                 logprob_start_len: int | list[int] | None = None,
+                 top_logprobs_num: int | list[int] | None = None,
                  return_text_in_logprobs: bool = False,
-                 rid: Union[str, list[str], None] = None) -> Union[dict, list[dict]]:
+                 rid: str | list[str] | None = None) -> dict | list[dict]:
         """Generate for one prompt (returns a dict) or a list of prompts (returns a list).
 
         Raises ValueError for bad input; nothing is queued then.
@@ -82,8 +82,8 @@ class Engine:
         """Release the model and pools."""
         self.scheduler = None  # type: ignore[assignment]
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()

@@ -42,6 +42,5 @@ def validation_error_message(exc: ValidationError) -> str:
     seen: dict[str, str] = {}
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ()))
-        loc = loc.split(".function-", 1)[0]
         seen.setdefault(loc, str(err.get("msg")))
     return "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in seen.items())

@@ -196,6 +196,10 @@ class TokenizerManager:
                 rid = entry.state.rid
                 if not entry.state.finished and self.rid_to_state.get(rid) is entry:
                     self._abort(rid, "the client disconnected")
+                    state = entry.state
+                    self.metrics.observe_finished(
+                        state.prompt_tokens, state.completion_tokens, state.cached_tokens,
+                        time.perf_counter() - state.created_time, aborted=True)
                 self.rid_to_state.pop(rid, None)
 
     async def _wait(self, entries: list[_ReqEntry], request: ClientRequest | None
@@ -243,14 +247,17 @@ class TokenizerManager:
         while True:
             msg = await self.recv_from_detokenizer.recv_pyobj()
             self.last_receive_time = time.monotonic()
-            if isinstance(msg, BatchStrOutput):
-                self._handle_batch_output(msg)
-            elif isinstance(msg, FlushCacheReqOutput):
-                self.flush_cache_communicator.handle_recv(msg)
-            elif isinstance(msg, GetInternalStateReqOutput):
-                self.internal_state_communicator.handle_recv(msg)
-            else:
-                logger.error("tokenizer manager: unknown message %r", type(msg).__name__)
+            try:
+                if isinstance(msg, BatchStrOutput):
+                    self._handle_batch_output(msg)
+                elif isinstance(msg, FlushCacheReqOutput):
+                    self.flush_cache_communicator.handle_recv(msg)
+                elif isinstance(msg, GetInternalStateReqOutput):
+                    self.internal_state_communicator.handle_recv(msg)
+                else:
+                    logger.error("tokenizer manager: unknown message %r", type(msg).__name__)
+            except Exception:  # one bad message must not stop every later request
+                logger.exception("tokenizer manager: error handling %s", type(msg).__name__)
 
     def _handle_batch_output(self, batch: BatchStrOutput) -> None:
         now = time.perf_counter()

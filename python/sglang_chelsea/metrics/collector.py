@@ -51,8 +51,9 @@ class TokenizerMetricsCollector:
                              "Time between output tokens (streaming requests)", _ITL_BUCKETS)
         self.num_running_reqs = gauge("sglang:num_running_reqs", "Requests running")
         self.num_queue_reqs = gauge("sglang:num_queue_reqs", "Requests waiting")
-        self.token_usage = gauge("sglang:token_usage", "Fraction of KV slots in use")
-        self.kv_used_tokens = gauge("sglang:kv_used_tokens", "KV slots in use")
+        self.token_usage = gauge("sglang:token_usage",
+                                 "Fraction of KV slots held by requests (cache excluded)")
+        self.kv_used_tokens = gauge("sglang:kv_used_tokens", "KV slots in use (cache included)")
         self.kv_available_tokens = gauge("sglang:kv_available_tokens", "Free KV slots")
         self.kv_compression_ratio = gauge("sglang:kv_compression_ratio",
                                           "Tokens represented per KV slot used")
@@ -84,7 +85,8 @@ class TokenizerMetricsCollector:
         self.num_queue_reqs.labels(**self.labels).set(state.get("num_waiting_reqs", 0))
         self.kv_used_tokens.labels(**self.labels).set(kv.get("used_slots", 0))
         self.kv_available_tokens.labels(**self.labels).set(kv.get("free_slots", 0))
-        self.token_usage.labels(**self.labels).set(kv.get("used_slots", 0) / total)
+        in_use = kv.get("used_slots", 0) - kv.get("evictable_slots", 0)  # held by requests
+        self.token_usage.labels(**self.labels).set(in_use / total)
         self.kv_compression_ratio.labels(**self.labels).set(kv.get("compression_ratio", 1.0))
         self.cache_hit_rate.labels(**self.labels).set(kv.get("cache_hit_rate", 0.0))
         self.gen_throughput.labels(**self.labels).set(state.get("last_gen_throughput", 0.0))

@@ -1,0 +1,66 @@
+"""Bad input gets HTTP 400 naming the problem, and the server keeps serving."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import requests
+
+GOOD = {"text": "Hello", "sampling_params": {"max_new_tokens": 2}}
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("{not json", "JSON"),
+    ("", "empty"),
+    ([1, 2], "JSON object"),
+    ({}, "text or input_ids"),
+    ({"text": 7}, "text"),
+    ({"text": ""}, "empty"),
+    ({"text": "hi", "input_ids": [1]}, "exactly one"),
+    ({"input_ids": [1, 2, 49152]}, "vocabulary"),
+    ({"input_ids": [-1]}, "vocabulary"),
+    ({"input_ids": ["a"]}, "input_ids"),
+    ({"text": "hi " * 9000}, "more than the maximum"),
+    ({"text": "hi", "sampling_params": {"temperature": -0.5}}, "temperature"),
+    ({"text": "hi", "sampling_params": {"top_p": 1.5}}, "top_p"),
+    ({"text": "hi", "sampling_params": {"top_k": 0}}, "top_k"),
+    ({"text": "hi", "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
+    ({"text": "hi", "sampling_params": {"max_new_tokens": "10"}}, "max_new_tokens"),
+    ({"text": "hi", "sampling_params": {"n": 2}}, "n"),
+    ({"text": "hi", "sampling_params": {"stop_token_ids": [10 ** 9]}}, "stop_token_ids"),
+    ({"text": "hi", "sampling_params": {"not_a_param": 1}}, "not_a_param"),
+    ({"text": "hi", "sampling_params": []}, "sampling_params"),
+    ({"text": "hi", "stream": "yes"}, "stream"),
+    ({"text": "hi", "return_logprob": True, "logprob_start_len": 99}, "logprob_start_len"),
+    ({"text": "hi", "top_logprobs_num": -2}, "top_logprobs_num"),
+    ({"text": ["a", "b"], "sampling_params": [{}]}, "sampling_params"),
+])
+def test_bad_generate_gets_400_then_server_still_serves(url: str, body: Any,
+                                                        expected: str) -> None:
+    if isinstance(body, str):
+        r = requests.post(url + "/generate", data=body, timeout=30)
+    else:
+        r = requests.post(url + "/generate", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert expected in message
+    ok = requests.post(url + "/generate", json=GOOD, timeout=60)
+    assert ok.status_code == 200 and ok.json()["meta_info"]["completion_tokens"] == 2
+
+
+def test_bad_streaming_request_fails_before_streaming(url: str) -> None:
+    r = requests.post(url + "/generate", json={"text": "", "stream": True}, timeout=30)
+    assert r.status_code == 400 and "empty" in r.json()["error"]["message"]
+
+
+def test_bad_control_requests(url: str) -> None:
+    r = requests.post(url + "/abort_request", json={"rid": 5}, timeout=10)
+    assert r.status_code == 400 and "rid" in r.json()["error"]["message"]
+    assert requests.get(url + "/no_such_endpoint", timeout=10).status_code == 404
+
+
+def test_duplicate_rid_is_rejected(url: str) -> None:
+    body = {"text": ["a", "b"], "rid": ["same", "same"], "sampling_params": {"max_new_tokens": 1}}
+    r = requests.post(url + "/generate", json=body, timeout=30)
+    assert r.status_code == 400 and "unique" in r.json()["error"]["message"]
