@@ -1,9 +1,13 @@
-"""The CPU attention backend: torch SDPA over slots gathered from the KV pool.
+"""The CPU attention backend: torch's fused CPU flash attention over the KV pool.
 
-GQA is handled without copying K/V per query head: the queries of one KV head's group
-are stacked as extra query rows (row ``t * G + g`` is token ``t``, group member ``g``).
-The per-slot, per-KV-head weight enters as an additive ``log(weight)`` logit bias.
-Softmax is computed in the activation dtype's precision (float32 on the CPU).
+Per request, the cached slots are read as a view of the pool when they form one run of
+slots (the usual case without compression) and gathered otherwise. The per-slot, per-KV-head
+weight enters as an additive ``log(weight)`` logit bias (weight 0 masks a slot).
+
+GQA without copying cached K/V: for attention over cached slots (no causal mask), the
+query heads of one KV head's group are stacked as extra query rows. Extend attends the new
+tokens to the cached slots (with weights) and causally to each other, in two fused calls
+whose results are merged by their log-sum-exp, as SGLang's paged + ragged split does.
 """
 
 from __future__ import annotations
@@ -14,118 +18,120 @@ from typing import Optional
 import torch
 
 from sglang_chelsea.attention.base_backend import AttentionBackend
+from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool
 from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch
 
-# Largest number of mask elements materialised per query block in extend.
-_MASK_BUDGET = 1 << 22
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
-@dataclass
-class DecodeMetadata:
-    slot_index: torch.Tensor  # [B * maxP] slots, padded with slot 0
-    pad_mask: Optional[torch.Tensor]  # [B, 1, 1, maxP] 0 / -inf, None when no padding
-    max_len: int
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                    causal: bool = False, mask: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention on ``[1, heads, len, dim]`` tensors; returns (output, log-sum-exp)."""
+    out, lse = _flash(q, k, v, 0.0, causal, attn_mask=mask, scale=scaling)
+    return out, lse
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: Optional[torch.Tensor], scaling: float) -> torch.Tensor:
-    """softmax(q k^T * scaling + mask) v with explicit matmuls.
-
-    On the CPU this is steadier than SDPA for one-token queries and additive masks
-    (measured: SDPA with a broadcast float mask fell to a slow path).
-    """
+    """Reference: softmax(q k^T * scaling + mask) v with explicit matmuls."""
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scaling)
     if mask is not None:
         scores = scores + mask
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
+@dataclass
+class SlotRun:
+    """A request's cached slots: one contiguous run ``[start, start + length)``, or an index."""
+
+    start: int
+    length: int
+    index: Optional[torch.Tensor]  # int64 slots when not contiguous
+
+
+def slot_run(row: torch.Tensor, length: int) -> SlotRun:
+    slots = row[:length].to(torch.int64)
+    if length == 0:
+        return SlotRun(0, 0, None)
+    first = int(slots[0])
+    if int(slots[-1]) - first + 1 == length and (
+            length == 1 or bool(torch.all(slots[1:] - slots[:-1] == 1))):
+        return SlotRun(first, length, None)
+    return SlotRun(first, length, slots)
+
+
 class TorchNativeAttnBackend(AttentionBackend):
     """Exact attention on the CPU with GQA and per-slot log-weight bias."""
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
-        if not forward_batch.forward_mode.is_decode():
-            forward_batch.attn_metadata = None
-            return
+        """Resolve each request's cached slots once per forward pass (shared by all layers)."""
         table = forward_batch.req_to_token_pool.req_to_token
-        lens = forward_batch.seq_lens
-        max_len = max(lens)
-        rows = torch.tensor(forward_batch.req_pool_indices, dtype=torch.int64)
-        index = table[rows, :max_len].to(torch.int64)
-        pad_mask = None
-        if min(lens) != max_len:
-            ar = torch.arange(max_len).unsqueeze(0)
-            valid = ar < torch.tensor(lens).unsqueeze(1)
-            index = torch.where(valid, index, torch.zeros_like(index))
-            pad_mask = torch.zeros(valid.shape, dtype=torch.float32)
-            pad_mask.masked_fill_(~valid, float("-inf"))
-            pad_mask = pad_mask[:, None, None, :]
-        forward_batch.attn_metadata = DecodeMetadata(index.reshape(-1), pad_mask, max_len)
+        if forward_batch.forward_mode.is_decode():
+            lengths = forward_batch.seq_lens  # including the new token
+        else:
+            lengths = forward_batch.extend_prefix_lens
+        forward_batch.attn_metadata = [slot_run(table[r], n) for r, n in
+                                       zip(forward_batch.req_pool_indices, lengths)]
 
     @staticmethod
-    def _log_weight(forward_batch: ForwardBatch, layer_id: int,
-                    slots: torch.Tensor) -> Optional[torch.Tensor]:
-        """``log(weight)`` of ``slots`` per KV head, ``[..., kv_heads]``; None when all are 1."""
-        pool = forward_batch.token_to_kv_pool
-        if pool.uniform_weights:
-            return None
-        return torch.log(pool.weight_buffer[layer_id].index_select(0, slots))
+    def _read(pool: MHATokenToKVPool, layer_id: int, run: SlotRun
+              ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """K, V as ``[1, kv_heads, len, dim]`` and the log-weight mask ``[1, kv, 1, len]``."""
+        kb, vb, wb = pool.k_buffer[layer_id], pool.v_buffer[layer_id], pool.weight_buffer[layer_id]
+        if run.index is None:
+            sl = slice(run.start, run.start + run.length)
+            k, v, w = kb[sl], vb[sl], (None if pool.uniform_weights else wb[sl])
+        else:
+            k, v = kb.index_select(0, run.index), vb.index_select(0, run.index)
+            w = None if pool.uniform_weights else wb.index_select(0, run.index)
+        mask = None if w is None else torch.log(w).t().unsqueeze(0).unsqueeze(2).to(k.dtype)
+        return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), mask
 
     def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                        forward_batch: ForwardBatch, scaling: float) -> torch.Tensor:
         pool = forward_batch.token_to_kv_pool
         pool.set_kv_buffer(layer_id, forward_batch.out_cache_loc, k, v)
-        meta: DecodeMetadata = forward_batch.attn_metadata
-        bsz, n_q, dim = q.shape
+        n_q, dim = q.shape[1], q.shape[2]
         n_kv = pool.num_kv_heads
-        group = n_q // n_kv
-        keys = pool.k_buffer[layer_id].index_select(0, meta.slot_index)
-        values = pool.v_buffer[layer_id].index_select(0, meta.slot_index)
-        keys = keys.view(bsz, meta.max_len, n_kv, dim).transpose(1, 2)
-        values = values.view(bsz, meta.max_len, n_kv, dim).transpose(1, 2)
-        mask = meta.pad_mask
-        log_w = self._log_weight(forward_batch, layer_id, meta.slot_index)
-        if log_w is not None:
-            bias = log_w.view(bsz, meta.max_len, n_kv).transpose(1, 2).unsqueeze(2)
-            mask = bias if mask is None else bias + mask
-        if mask is not None:
-            mask = mask.to(q.dtype)
-        query = q.view(bsz, n_kv, group, dim)
-        out = masked_attention(query, keys, values, mask, scaling)
-        return out.reshape(bsz, n_q, dim)
+        out = torch.empty_like(q)
+        for i, run in enumerate(forward_batch.attn_metadata):
+            keys, values, mask = self._read(pool, layer_id, run)
+            query = q[i].view(1, n_kv, n_q // n_kv, dim)
+            o, _ = flash_attention(query, keys, values, scaling, mask=mask)
+            out[i] = o.reshape(n_q, dim)
+        return out
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                        forward_batch: ForwardBatch, scaling: float) -> torch.Tensor:
         pool = forward_batch.token_to_kv_pool
         pool.set_kv_buffer(layer_id, forward_batch.out_cache_loc, k, v)
-        table = forward_batch.req_to_token_pool.req_to_token
         n_q, dim = q.shape[1], q.shape[2]
         n_kv = pool.num_kv_heads
         group = n_q // n_kv
         out = torch.empty_like(q)
         start = 0
-        for i in range(forward_batch.batch_size):
+        for i, run in enumerate(forward_batch.attn_metadata):
             ext = forward_batch.extend_seq_lens[i]
-            prefix = forward_batch.extend_prefix_lens[i]
-            total = prefix + ext
-            slots = table[forward_batch.req_pool_indices[i], :total].to(torch.int64)
-            keys = pool.k_buffer[layer_id].index_select(0, slots).transpose(0, 1)
-            values = pool.v_buffer[layer_id].index_select(0, slots).transpose(0, 1)
-            log_w = self._log_weight(forward_batch, layer_id, slots)
-            bias = None if log_w is None else log_w.t().unsqueeze(1)  # [kv, 1, S]
-            q_req = q[start:start + ext].view(ext, n_kv, group, dim).transpose(0, 1)
-            block = max(16, _MASK_BUDGET // max(1, group * total * (n_kv if bias is not None else 1)))
-            for b0 in range(0, ext, block):
-                b1 = min(ext, b0 + block)
-                rows = torch.arange(prefix + b0, prefix + b1).unsqueeze(1)
-                causal = torch.arange(total).unsqueeze(0) <= rows  # [b, S]
-                mask = torch.zeros(causal.shape, dtype=q.dtype).masked_fill_(~causal, float("-inf"))
-                mask = mask.repeat_interleave(group, dim=0).unsqueeze(0)  # [1, b*G, S]
-                if bias is not None:
-                    mask = mask + bias.to(q.dtype)
-                qb = q_req[:, b0:b1].reshape(n_kv, (b1 - b0) * group, dim)
-                ob = masked_attention(qb, keys, values, mask, scaling)
-                out[start + b0:start + b1] = ob.view(n_kv, b1 - b0, group, dim).transpose(0, 1) \
-                    .reshape(b1 - b0, n_q, dim)
+            q_req = q[start:start + ext]
+            # New tokens, causally among themselves (K/V expanded to the query heads).
+            k_new = k[start:start + ext].repeat_interleave(group, dim=1).transpose(0, 1)[None]
+            v_new = v[start:start + ext].repeat_interleave(group, dim=1).transpose(0, 1)[None]
+            o_new, lse_new = flash_attention(q_req.transpose(0, 1)[None], k_new, v_new, scaling,
+                                             causal=True)
+            o_new = o_new[0].transpose(0, 1)  # [ext, n_q, dim]
+            if run.length:
+                # Cached slots, no causal mask: the group's query heads become extra rows.
+                keys, values, mask = self._read(pool, layer_id, run)
+                qc = q_req.view(ext, n_kv, group, dim).transpose(0, 1).reshape(1, n_kv,
+                                                                               ext * group, dim)
+                o_c, lse_c = flash_attention(qc, keys, values, scaling, mask=mask)
+                o_c = o_c.view(n_kv, ext, group, dim).transpose(0, 1).reshape(ext, n_q, dim)
+                lse_c = lse_c.view(n_kv, ext, group).transpose(0, 1).reshape(ext, n_q)
+                lse_n = lse_new[0].transpose(0, 1)
+                lse = torch.logaddexp(lse_c, lse_n)
+                o_new = (o_c * torch.exp(lse_c - lse).unsqueeze(-1)
+                         + o_new * torch.exp(lse_n - lse).unsqueeze(-1))
+            out[start:start + ext] = o_new
             start += ext
         return out
