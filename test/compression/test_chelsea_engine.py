@@ -59,7 +59,7 @@ def test_physical_slots_follow_the_schedule(tiny_chelsea: Engine) -> None:
     assert match.page_lens == [target] * full_chunks
     pool = tiny_chelsea.scheduler.token_to_kv_pool
     for layer in (0, pool.num_layers - 1):
-        w = pool.weight_buffer[layer][match.value].view(full_chunks, target, -1)
+        w = pool.weight_buffer[layer][:, match.value].t().reshape(full_chunks, target, -1)
         assert torch.allclose(w.sum(dim=1), torch.full_like(w.sum(dim=1), float(c)))
     _assert_no_leak(tiny_chelsea)
 

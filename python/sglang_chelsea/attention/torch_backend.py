@@ -81,12 +81,12 @@ class TorchNativeAttnBackend(AttentionBackend):
         kb, vb, wb = pool.k_buffer[layer_id], pool.v_buffer[layer_id], pool.weight_buffer[layer_id]
         if run.index is None:
             sl = slice(run.start, run.start + run.length)
-            k, v, w = kb[sl], vb[sl], (None if pool.uniform_weights else wb[sl])
+            k, v, w = kb[:, sl], vb[:, sl], (None if pool.uniform_weights else wb[:, sl])
         else:
-            k, v = kb.index_select(0, run.index), vb.index_select(0, run.index)
-            w = None if pool.uniform_weights else wb.index_select(0, run.index)
-        mask = None if w is None else torch.log(w).t().unsqueeze(0).unsqueeze(2).to(k.dtype)
-        return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), mask
+            k, v = kb.index_select(1, run.index), vb.index_select(1, run.index)
+            w = None if pool.uniform_weights else wb.index_select(1, run.index)
+        mask = None if w is None else torch.log(w).unsqueeze(0).unsqueeze(2).to(k.dtype)
+        return k.unsqueeze(0), v.unsqueeze(0), mask
 
     def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                        forward_batch: ForwardBatch, scaling: float) -> torch.Tensor:

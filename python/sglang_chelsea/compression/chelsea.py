@@ -66,13 +66,13 @@ class ChelseaCompressor(KVCompressor):
         n_chunks = len(jobs)
         layers = range(self.full_layers, pool.num_layers)
         flat = slots.reshape(-1)
-        # [L, N, C, H, D] -> [L * N, H, C, D]
-        keys = torch.stack([pool.k_buffer[l].index_select(0, flat) for l in layers])
-        values = torch.stack([pool.v_buffer[l].index_select(0, flat) for l in layers])
+        # [L, H, N * C, D] -> [L * N, H, C, D]
+        keys = torch.stack([pool.k_buffer[l].index_select(1, flat) for l in layers])
+        values = torch.stack([pool.v_buffer[l].index_select(1, flat) for l in layers])
         n_layers = len(layers)
         h, d = pool.num_kv_heads, pool.head_dim
-        keys = keys.view(n_layers, n_chunks, c, h, d).permute(0, 1, 3, 2, 4).reshape(-1, h, c, d)
-        values = values.view(n_layers, n_chunks, c, h, d).permute(0, 1, 3, 2, 4).reshape(-1, h, c, d)
+        keys = keys.view(n_layers, h, n_chunks, c, d).transpose(1, 2).reshape(-1, h, c, d)
+        values = values.view(n_layers, h, n_chunks, c, d).transpose(1, 2).reshape(-1, h, c, d)
         protected = torch.zeros((n_chunks, c), dtype=torch.bool)
         for i, (_, page) in enumerate(jobs):
             first = page * c
@@ -100,11 +100,11 @@ class ChelseaCompressor(KVCompressor):
             dst = slots[i, :m]
             for j, layer in enumerate(layers):
                 mm = min(m, m_max)
-                pool.k_buffer[layer][dst[:mm]] = out_k[j, i, :, :mm].transpose(0, 1).to(pool.dtype)
-                pool.v_buffer[layer][dst[:mm]] = out_v[j, i, :, :mm].transpose(0, 1).to(pool.dtype)
-                pool.weight_buffer[layer][dst[:mm]] = out_w[j, i, :, :mm].transpose(0, 1)
+                pool.k_buffer[layer][:, dst[:mm]] = out_k[j, i, :, :mm].to(pool.dtype)
+                pool.v_buffer[layer][:, dst[:mm]] = out_v[j, i, :, :mm].to(pool.dtype)
+                pool.weight_buffer[layer][:, dst[:mm]] = out_w[j, i, :, :mm]
             for layer in range(self.full_layers):
-                pool.weight_buffer[layer][dst] = 1.0
+                pool.weight_buffer[layer][:, dst] = 1.0
             shrink_page(scheduler, req, page, m)
             self.clustered_chunks += 1
             self.clustered_tokens += c

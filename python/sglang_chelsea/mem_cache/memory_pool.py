@@ -73,9 +73,10 @@ class TokenToKVPoolAllocator:
 
 
 class MHATokenToKVPool:
-    """Per-layer K and V buffers ``[num_slots, kv_heads, head_dim]`` plus slot weights.
+    """Per-layer K and V buffers ``[kv_heads, num_slots, head_dim]`` plus slot weights.
 
-    ``weight_buffer[layer][slot, head]`` is how many tokens the slot stands for (1 for a raw
+    Head-major, so one head's keys for a run of slots are contiguous in memory (decode
+    attention streams them). ``weight_buffer[layer][head, slot]`` is how many tokens the slot stands for (1 for a raw
     token, a cluster size for a centroid, 0 for an unused padding slot). Attention adds
     ``log(weight)`` to the slot's logit. ``uniform_weights`` is True while every live slot
     has weight 1 (no compression), letting the attention backend skip the bias.
@@ -89,21 +90,21 @@ class MHATokenToKVPool:
         self.head_dim = head_dim
         self.dtype = dtype
         n = size + 1  # slot 0 is the padding slot
-        self.k_buffer = [torch.zeros((n, num_kv_heads, head_dim), dtype=dtype, device=device)
+        self.k_buffer = [torch.zeros((num_kv_heads, n, head_dim), dtype=dtype, device=device)
                          for _ in range(num_layers)]
-        self.v_buffer = [torch.zeros((n, num_kv_heads, head_dim), dtype=dtype, device=device)
+        self.v_buffer = [torch.zeros((num_kv_heads, n, head_dim), dtype=dtype, device=device)
                          for _ in range(num_layers)]
-        self.weight_buffer = [torch.ones((n, num_kv_heads), dtype=torch.float32, device=device)
+        self.weight_buffer = [torch.ones((num_kv_heads, n), dtype=torch.float32, device=device)
                               for _ in range(num_layers)]
         self.uniform_weights = True
 
     def set_kv_buffer(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor,
                       v: torch.Tensor) -> None:
-        """Write raw (weight 1) K/V for new tokens at slots ``loc``."""
-        self.k_buffer[layer_id][loc] = k.to(self.dtype)
-        self.v_buffer[layer_id][loc] = v.to(self.dtype)
+        """Write raw (weight 1) K/V ``[T, kv_heads, head_dim]`` for new tokens at slots ``loc``."""
+        self.k_buffer[layer_id][:, loc] = k.transpose(0, 1).to(self.dtype)
+        self.v_buffer[layer_id][:, loc] = v.transpose(0, 1).to(self.dtype)
         if not self.uniform_weights:
-            self.weight_buffer[layer_id][loc] = 1.0
+            self.weight_buffer[layer_id][:, loc] = 1.0
 
     def get_kv_size_bytes(self) -> int:
         per_layer = (self.k_buffer[0].numel() + self.v_buffer[0].numel()) * self.k_buffer[0].element_size()
