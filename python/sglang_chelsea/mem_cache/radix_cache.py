@@ -12,7 +12,7 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 
@@ -115,21 +115,28 @@ class RadixCache:
         node = self.root
         values: list[torch.Tensor] = []
         page_lens: list[int] = []
-        now = time.monotonic()
+        for node, _ in self._walk(key):
+            values.append(node.value)
+            page_lens.extend(node.page_lens)
+        value = torch.cat(values) if values else _EMPTY
+        return MatchResult(value, page_lens, node)
+
+    def _walk(self, key: list[int]) -> Iterator[tuple[TreeNode, int]]:
+        """Yield ``(node, tokens matched in it)`` along the cached path of ``key``.
+
+        A node matched only partly is split first, so every yielded node is matched whole.
+        """
+        node, now = self.root, time.monotonic()
         while key:
             child = node.children.get(self._page_key(key))
             if child is None:
-                break
+                return
             child.last_access_time = now
             n = self._match_len(child.key, key)
             if n < len(child.key):
                 child = self._split_node(child, n)
-            values.append(child.value)
-            page_lens.extend(child.page_lens)
-            node = child
-            key = key[n:]
-        value = torch.cat(values) if values else _EMPTY
-        return MatchResult(value, page_lens, node)
+            yield child, n
+            node, key = child, key[n:]
 
     def record_hit(self, queried: int, hit: int) -> None:
         self.queried_tokens += queried
@@ -173,22 +180,13 @@ class RadixCache:
             return 0
         assert len(key) == len(page_lens) * self.page_size
         assert value.numel() == sum(page_lens)
-        node = self.root
-        matched = 0
-        now = time.monotonic()
-        while key:
-            child = node.children.get(self._page_key(key))
-            if child is None:
-                break
-            child.last_access_time = now
-            n = self._match_len(child.key, key)
-            if n < len(child.key):
-                child = self._split_node(child, n)
-            pages = n // self.page_size
-            phys = sum(page_lens[:pages])
+        node, matched = self.root, 0
+        for node, n in self._walk(key):
             matched += n
-            key, value, page_lens = key[n:], value[phys:], page_lens[pages:]
-            node = child
+        pages = matched // self.page_size
+        phys = sum(page_lens[:pages])
+        key, value, page_lens = key[matched:], value[phys:], page_lens[pages:]
+        now = time.monotonic()
         if key:
             new = TreeNode()
             new.parent = node
