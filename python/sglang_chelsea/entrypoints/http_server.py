@@ -25,8 +25,8 @@ from sglang_chelsea.entrypoints.sse import SSE_DONE, sse_data, sse_response
 from sglang_chelsea.entrypoints.subprocesses import ServerProcesses, launch_subprocesses
 from sglang_chelsea.managers.generate_request import GenerateReqInput
 from sglang_chelsea.managers.tokenizer_manager import (
-    ClientDisconnectedError,
     ServerDeadError,
+    first_result,
     TokenizerManager,
 )
 from sglang_chelsea.metrics.collector import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -157,15 +157,8 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
                     yield sse_data(error_body(str(exc), 503))
                 yield SSE_DONE
             return sse_response(events())
-        try:
-            out = await gen.__anext__()
-        except ClientDisconnectedError:
-            return Response(status_code=499)
-        except ServerDeadError as exc:
-            return error_response(str(exc), 503)
-        finally:
-            await gen.aclose()
-        return JSONResponse(out)
+        out = await first_result(gen)
+        return out if isinstance(out, Response) else JSONResponse(out)
 
     # ------------------------------------------------------------------ OpenAI
     @app.get("/v1/models")

@@ -28,8 +28,8 @@ from sglang_chelsea.entrypoints.openai_protocol import (
 from sglang_chelsea.entrypoints.sse import SSE_DONE, sse_data, sse_response
 from sglang_chelsea.managers.generate_request import GenerateReqInput
 from sglang_chelsea.managers.tokenizer_manager import (
-    ClientDisconnectedError,
     ServerDeadError,
+    first_result,
     TokenizerManager,
 )
 
@@ -115,14 +115,9 @@ class OpenAIServing:
         gen = self.tm.generate_request(obj, prepared, raw_request)
         if obj.stream:
             return sse_response(stream(gen))
-        try:
-            outs = await gen.__anext__()
-        except ClientDisconnectedError:
-            return Response(status_code=499)
-        except ServerDeadError as exc:
-            return error_response(str(exc), 503)
-        finally:
-            await gen.aclose()
+        outs = await first_result(gen)
+        if isinstance(outs, Response):
+            return outs
         return JSONResponse(render(outs if isinstance(outs, list) else [outs]))
 
     @staticmethod

@@ -321,3 +321,20 @@ class TokenizerManager:
         finally:
             if not task.done():
                 task.cancel()
+
+
+async def first_result(gen: Any) -> Any:
+    """Await a non-streaming generation's single result; on a disconnect or a dead scheduler,
+    the HTTP response to send instead (499 or 503)."""
+    from fastapi.responses import Response
+
+    from sglang_chelsea.entrypoints.http_errors import error_response
+
+    try:
+        return await gen.__anext__()
+    except ClientDisconnectedError:
+        return Response(status_code=499)
+    except ServerDeadError as exc:
+        return error_response(str(exc), 503)
+    finally:
+        await gen.aclose()
