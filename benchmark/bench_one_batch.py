@@ -49,11 +49,14 @@ def run_ours(scheduler: Scheduler, prompts: list[list[int]], output_len: int) ->
         sp.normalize()
         scheduler.add_request(TokenizedGenerateReqInput(f"bench-{i}", None, ids, sp))
     peak = 0
+    compressor = scheduler.kv_compressor
+    cluster0 = compressor.stats().get("clustering_seconds", 0.0) if compressor else 0.0
     t0 = time.perf_counter()
     while scheduler.waiting_queue or scheduler.chunked_req is not None:
         scheduler.step()
         peak = max(peak, used_slots(scheduler))
     prefill = time.perf_counter() - t0
+    cluster = (compressor.stats().get("clustering_seconds", 0.0) - cluster0) if compressor else 0.0
     after_prefill = used_slots(scheduler)
     decode: list[float] = []
     while scheduler.has_work():
@@ -63,6 +66,7 @@ def run_ours(scheduler: Scheduler, prompts: list[list[int]], output_len: int) ->
         decode.append(time.perf_counter() - t0)
     scheduler.flush_cache()
     return {"prefill_latency": prefill, "decode_latencies": decode,
+            "clustering_share_of_prefill": cluster / prefill,
             "kv_slots_after_prefill": after_prefill / len(prompts),
             "kv_slots_peak": peak / len(prompts)}
 
@@ -95,6 +99,7 @@ def summarize(name: str, batch: int, input_len: int, output_len: int,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "kv_slots_per_req": round(run.get("kv_slots_after_prefill", float("nan")), 1),
         "kv_slots_peak_per_req": round(run.get("kv_slots_peak", float("nan")), 1),
+        "clustering_share_of_prefill": round(run.get("clustering_share_of_prefill", 0.0), 4),
     }
 
 
