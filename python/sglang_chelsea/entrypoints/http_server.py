@@ -165,21 +165,20 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
     async def list_models() -> dict[str, Any]:
         return openai.list_models()
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
+    async def with_json_body(request: Request, handler: Any) -> Response:
         try:
             body = await read_json_body(request)
         except ValueError as exc:
             return error_response(str(exc))
-        return await openai.create_completion(body, request)
+        return await handler(body, request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await with_json_body(request, openai.create_completion)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        try:
-            body = await read_json_body(request)
-        except ValueError as exc:
-            return error_response(str(exc))
-        return await openai.create_chat_completion(body, request)
+        return await with_json_body(request, openai.create_chat_completion)
 
     return app
 
