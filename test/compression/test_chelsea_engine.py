@@ -146,3 +146,18 @@ def test_passkey_at_2k_with_half_the_kv(default_model_path: str, keep_ratio: flo
     kv = engine.get_server_info()["kv_cache"]
     assert kv["compression_ratio"] > 1.8
     _assert_no_leak(engine)
+
+
+def test_retraction_with_compression_keeps_outputs(tiny_llama_dir: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    prompts = [_prompt_ids(90, seed=10 + i) for i in range(4)]
+    params = {**GREEDY, "max_new_tokens": 60}
+    roomy = _engine(tiny_llama_dir, max_total_tokens=4000)
+    expected = [roomy.generate(input_ids=p, sampling_params=params)["output_ids"] for p in prompts]
+    roomy.shutdown()
+    tight = _engine(tiny_llama_dir, max_total_tokens=300)
+    with caplog.at_level("INFO", logger="sglang_chelsea.managers.scheduler"):
+        outs = tight.generate(input_ids=prompts, sampling_params=params)
+    assert any("Retracted request" in r.getMessage() for r in caplog.records)
+    assert [o["output_ids"] for o in outs] == expected
+    _assert_no_leak(tight)

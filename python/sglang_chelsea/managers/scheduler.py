@@ -367,6 +367,7 @@ class Scheduler:
     def _retract(self, victim: Req) -> None:
         """Release ``victim``'s KV (its completed pages stay in the radix cache) and queue
         it first; it resumes by prefilling its prompt and the tokens it has generated."""
+        self._compress([victim], finishing=True)  # so its completed chunks can be shared
         self.tree_cache.cache_finished_req(victim)
         victim.reset_kv_state()
         if not victim.input_logprobs_done:  # recomputed from the start on re-admission
