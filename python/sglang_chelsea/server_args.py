@@ -74,6 +74,8 @@ class ServerArgs:
         """Raise ValueError naming the first invalid argument."""
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.device != "cpu":
+            raise ValueError(f"device {self.device!r} is not supported yet; use cpu")
         if self.page_size < 1:
             raise ValueError("page_size must be >= 1")
         if self.max_total_tokens is not None and self.max_total_tokens < 2:
