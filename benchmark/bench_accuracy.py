@@ -54,7 +54,7 @@ class Policy:
         return {
             "kv_compression": "chelsea", "chelsea_keep_ratio": self.keep,
             "chelsea_chunk_size": int(self.args.get("chunk", 128)),
-            "chelsea_round_fraction": float(self.args.get("round", 0.25)),
+            "chelsea_round_fraction": float(self.args.get("round", 0.125)),
             "chelsea_min_similarity": float(self.args.get("sim", 0.0)),
             "chelsea_size_bias": bool(int(self.args.get("bias", 1))),
             "chelsea_sink_tokens": int(self.args.get("sink", 4)),

@@ -56,7 +56,7 @@ class ServerArgs:
     kv_compression: str = "none"
     chelsea_chunk_size: int = 128
     chelsea_keep_ratio: float = 0.5
-    chelsea_round_fraction: float = 0.25
+    chelsea_round_fraction: float = 0.125
     chelsea_min_similarity: float = 0.0
     chelsea_sink_tokens: int = 4
     chelsea_full_layers: int = 0
