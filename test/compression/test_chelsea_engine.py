@@ -161,3 +161,41 @@ def test_retraction_with_compression_keeps_outputs(tiny_llama_dir: str,
     assert any("Retracted request" in r.getMessage() for r in caplog.records)
     assert [o["output_ids"] for o in outs] == expected
     _assert_no_leak(tight)
+
+
+def test_full_layers_keep_every_slot(tiny_llama_dir: str) -> None:
+    """One slot list serves all layers: a raw layer makes the chunk keep all C slots."""
+    engine = _engine(tiny_llama_dir, chelsea_full_layers=1, chelsea_min_similarity=-1.0,
+                     max_total_tokens=2000)
+    engine.generate(input_ids=_prompt_ids(100, seed=20),
+                    sampling_params={**GREEDY, "max_new_tokens": 1})
+    kv = engine.get_server_info()["kv_cache"]
+    assert kv["clustered_chunks"] == 3
+    assert kv["physical_slots"] == kv["logical_tokens"] == 96
+    _assert_no_leak(engine)
+
+
+def test_streaming_keeps_sinks_and_a_recent_window(tiny_llama_dir: str) -> None:
+    engine = Engine(model_path=tiny_llama_dir, max_total_tokens=2000, log_level="warning",
+                    kv_compression="streaming", chelsea_chunk_size=32, chelsea_sink_tokens=4,
+                    streaming_window=64, chunked_prefill_size=32)
+    assert engine.server_args.disable_radix_cache  # evicted pages cannot be shared
+    seen: list[tuple[int, int]] = []
+    original = engine.scheduler.model_runner.forward
+
+    def spy(fb):  # physical vs logical length of the request at every pass
+        sched = engine.scheduler
+        req = sched.running[0] if sched.running else sched.chunked_req
+        if req is not None:
+            seen.append((req.logical_len, req.physical_len))
+        return original(fb)
+
+    engine.scheduler.model_runner.forward = spy
+    out = engine.generate(input_ids=_prompt_ids(300, seed=21),
+                          sampling_params={**GREEDY, "max_new_tokens": 40})
+    assert out["meta_info"]["completion_tokens"] == 40
+    # Never more than the sinks + the window (2 pages) + the page being filled.
+    assert max(p for _, p in seen) <= 4 + 64 + 32
+    assert max(lg for lg, _ in seen) > 300
+    assert engine.get_server_info()["kv_cache"]["evicted_pages"] > 0
+    _assert_no_leak(engine)

@@ -55,12 +55,13 @@ def shrink_page(scheduler: "Scheduler", req: "Req", page: int, m: int) -> None:
     req.page_lens[page] = m
 
 
-_REGISTRY: dict[str, Callable[["ServerArgs"], KVCompressor]] = {}
+CompressorFactory = Callable[["ServerArgs"], KVCompressor]
+_REGISTRY: dict[str, CompressorFactory] = {}
 
 
-def register_compressor(name: str) -> Callable[[Callable[["ServerArgs"], KVCompressor]],
-                                                 Callable[["ServerArgs"], KVCompressor]]:
-    def wrap(factory: Callable[["ServerArgs"], KVCompressor]) -> Callable[["ServerArgs"], KVCompressor]:
+def register_compressor(name: str) -> Callable[[CompressorFactory], CompressorFactory]:
+    """Decorator: make ``factory`` the policy for ``--kv-compression name``."""
+    def wrap(factory: CompressorFactory) -> CompressorFactory:
         _REGISTRY[name] = factory
         return factory
     return wrap
@@ -75,5 +76,6 @@ def create_compressor(server_args: "ServerArgs") -> Optional[KVCompressor]:
     from sglang_chelsea.compression import chelsea, streaming  # noqa: F401
 
     if name not in _REGISTRY:
-        raise ValueError(f"unknown kv_compression {name!r}; available: none, {', '.join(_REGISTRY)}")
+        raise ValueError(
+            f"unknown kv_compression {name!r}; available: none, {', '.join(_REGISTRY)}")
     return _REGISTRY[name](server_args)
