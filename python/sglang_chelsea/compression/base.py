@@ -21,6 +21,10 @@ class KVCompressor(ABC):
     what every later prefix hit reuses.
     """
 
+    #: True when the policy gives slots weights other than 1 (centroid sizes), so attention
+    #: must add the log-weight bias; False lets the backend skip it.
+    writes_slot_weights = False
+
     @abstractmethod
     def compress_reqs(self, scheduler: "Scheduler", reqs: list["Req"],
                       finishing: bool = False) -> None:

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 class ChelseaCompressor(KVCompressor):
     """Online chunk clustering inside the radix-tree KV pool."""
 
+    writes_slot_weights = True
+
     def __init__(self, server_args: "ServerArgs") -> None:
         self.chunk_size = server_args.chelsea_chunk_size
         self.target = max(1, math.ceil(server_args.chelsea_keep_ratio * self.chunk_size))
@@ -94,7 +96,6 @@ class ChelseaCompressor(KVCompressor):
         out_w = result.sizes.view(n_layers, n_chunks, h, m_max)
         if not self.size_bias:
             out_w = (out_w > 0).to(out_w.dtype)
-        pool.uniform_weights = False
         for i, (req, page) in enumerate(jobs):
             m = int(kept[i])
             dst = slots[i, :m]

@@ -55,7 +55,8 @@ class Scheduler:
         self.chunked_prefill_size = None if chunk in (None, -1) else chunk
         self.max_req_input_len = min(self.context_len - 1, self.max_total_num_tokens - 1)
         self.kv_compressor = create_compressor(server_args)
-        self.token_to_kv_pool.uniform_weights = self.kv_compressor is None
+        self.token_to_kv_pool.uniform_weights = not (
+            self.kv_compressor is not None and self.kv_compressor.writes_slot_weights)
         self.waiting_queue: list[Req] = []
         self.running: list[Req] = []
         self.chunked_req: Optional[Req] = None
@@ -449,7 +450,6 @@ class Scheduler:
         self.req_to_token_pool.clear()
         if self.kv_compressor is not None:
             self.kv_compressor.reset()
-        self.token_to_kv_pool.uniform_weights = self.kv_compressor is None
         return True
 
     # ------------------------------------------------------------------ stats

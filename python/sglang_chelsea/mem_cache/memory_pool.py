@@ -76,10 +76,11 @@ class MHATokenToKVPool:
     """Per-layer K and V buffers ``[kv_heads, num_slots, head_dim]`` plus slot weights.
 
     Head-major, so one head's keys for a run of slots are contiguous in memory (decode
-    attention streams them). ``weight_buffer[layer][head, slot]`` is how many tokens the slot stands for (1 for a raw
-    token, a cluster size for a centroid, 0 for an unused padding slot). Attention adds
-    ``log(weight)`` to the slot's logit. ``uniform_weights`` is True while every live slot
-    has weight 1 (no compression), letting the attention backend skip the bias.
+    attention streams them). ``weight_buffer[layer][head, slot]`` is how many tokens the
+    slot stands for (1 for a raw token, a cluster size for a centroid, 0 for an unused
+    padding slot). Attention adds ``log(weight)`` to the slot's logit. ``uniform_weights``
+    is True when no policy writes weights other than 1 (set once by the scheduler), letting
+    the attention backend skip the bias.
     """
 
     def __init__(self, size: int, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -105,11 +106,6 @@ class MHATokenToKVPool:
         self.v_buffer[layer_id][:, loc] = v.transpose(0, 1).to(self.dtype)
         if not self.uniform_weights:
             self.weight_buffer[layer_id][:, loc] = 1.0
-
-    def get_kv_size_bytes(self) -> int:
-        per_layer = (self.k_buffer[0].numel() + self.v_buffer[0].numel()) * self.k_buffer[0].element_size()
-        per_layer += self.weight_buffer[0].numel() * 4
-        return per_layer * self.num_layers
 
 
 def kv_bytes_per_slot(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
