@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 KV_COMPRESSION_CHOICES = ("none", "chelsea", "streaming")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKEND_CHOICES = ("auto", "torch", "triton", "flashinfer")
+LOAD_FORMAT_CHOICES = ("auto", "dummy")
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU (imported lazily: ServerArgs stays cheap to import)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dataclass
@@ -24,7 +35,7 @@ class ServerArgs:
     served_model_name: Optional[str] = None
     chat_template: Optional[str] = None
     dtype: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"
     context_length: Optional[int] = None
     load_format: str = "auto"
     trust_remote_code: bool = False
@@ -46,7 +57,7 @@ class ServerArgs:
     page_size: int = 1
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"
     random_seed: int = 0
     num_threads: Optional[int] = None
     tp_size: int = 1
@@ -66,6 +77,7 @@ class ServerArgs:
 
     def __post_init__(self) -> None:
         self.check()
+        self._resolve_auto()
         if self.kv_compression == "streaming":
             # Evicted pages depend on later tokens: they cannot be shared by prefix.
             self.disable_radix_cache = True
@@ -74,8 +86,14 @@ class ServerArgs:
         """Raise ValueError naming the first invalid argument."""
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.device != "cpu":
-            raise ValueError(f"device {self.device!r} is not supported yet; use cpu")
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
+        if self.device == "cuda" and not cuda_available():
+            raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; "
+                             "use --device cpu")
+        if self.load_format not in LOAD_FORMAT_CHOICES:
+            raise ValueError(
+                f"load_format must be one of {LOAD_FORMAT_CHOICES}, got {self.load_format!r}")
         if self.page_size < 1:
             raise ValueError("page_size must be >= 1")
         if self.max_total_tokens is not None and self.max_total_tokens < 2:
@@ -109,8 +127,23 @@ class ServerArgs:
             raise ValueError("streaming_window must be >= 1")
         if self.tp_size != 1 or self.dp_size != 1:
             raise ValueError("tp_size and dp_size > 1 are not supported yet")
-        if self.attention_backend not in ("torch",):
-            raise ValueError(f"attention_backend {self.attention_backend!r} is not available; use torch")
+        if self.attention_backend not in ATTENTION_BACKEND_CHOICES:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKEND_CHOICES}, "
+                             f"got {self.attention_backend!r}")
+        if self.attention_backend == "flashinfer":
+            raise ValueError("attention_backend 'flashinfer' is not built in this release "
+                             "(see docs/gpu.md); use triton on a GPU or torch")
+
+    def _resolve_auto(self) -> None:
+        """Pick the device (cuda when a GPU is present), its dtype and attention backend."""
+        if self.device == "auto":
+            self.device = "cuda" if cuda_available() else "cpu"
+        if self.attention_backend == "auto":
+            self.attention_backend = "triton" if self.device == "cuda" else "torch"
+        if self.attention_backend == "triton" and self.device == "cpu" \
+                and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("attention_backend 'triton' needs --device cuda "
+                             "(or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)")
 
     @property
     def effective_page_size(self) -> int:
@@ -136,13 +169,19 @@ class ServerArgs:
                        help="Jinja chat template file or string, or 'chatml' (default: the tokenizer's)")
         g.add_argument("--dtype", type=str, default=d.dtype,
                        choices=["auto", "float32", "bfloat16", "float16", "half", "float"],
-                       help="Weight and activation dtype; auto = float32 on the CPU")
-        g.add_argument("--device", type=str, default=d.device, help="cpu")
+                       help="Weight and activation dtype; auto = float32 on the CPU, "
+                            "bfloat16 on a GPU")
+        g.add_argument("--device", type=str, default=d.device, choices=list(DEVICE_CHOICES),
+                       help="auto (cuda when a GPU is present), cpu or cuda")
         g.add_argument("--context-length", type=int, default=d.context_length,
                        help="Override the model's maximum context length")
-        g.add_argument("--load-format", type=str, default=d.load_format, help="auto (accepted for compatibility)")
+        g.add_argument("--load-format", type=str, default=d.load_format,
+                       choices=list(LOAD_FORMAT_CHOICES),
+                       help="auto (read the weights) or dummy (random weights of the "
+                            "config's shape, for benchmarks)")
         g.add_argument("--trust-remote-code", action="store_true", help="Accepted for compatibility")
-        g.add_argument("--skip-tokenizer-init", action="store_true", help="Accepted for compatibility")
+        g.add_argument("--skip-tokenizer-init", action="store_true",
+                       help="Load no tokenizer in the model runner (offline benchmarks on input ids)")
         g = p.add_argument_group("http server")
         g.add_argument("--host", type=str, default=d.host, help="Bind address (default 127.0.0.1)")
         g.add_argument("--port", type=int, default=d.port, help="HTTP port (default 30000)")
@@ -167,7 +206,8 @@ class ServerArgs:
                        help="fcfs (first come first served) or lpm (longest prefix match first)")
         g.add_argument("--disable-radix-cache", action="store_true", help="Disable prefix caching")
         g.add_argument("--attention-backend", type=str, default=d.attention_backend,
-                       help="torch (CPU)")
+                       choices=list(ATTENTION_BACKEND_CHOICES),
+                       help="auto (triton on a GPU, torch on the CPU), torch or triton")
         g.add_argument("--random-seed", type=int, default=d.random_seed, help="Global random seed")
         g.add_argument("--num-threads", type=int, default=d.num_threads,
                        help="torch intra-op threads (default: all cores)")

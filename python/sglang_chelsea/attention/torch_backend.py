@@ -27,9 +27,22 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                     causal: bool = False, mask: Optional[torch.Tensor] = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention on ``[1, heads, len, dim]`` tensors; returns (output, log-sum-exp)."""
-    out, lse = _flash(q, k, v, 0.0, causal, attn_mask=mask, scale=scaling)
-    return out, lse
+    """Fused attention on ``[1, heads, len, dim]`` tensors; returns (output, log-sum-exp).
+
+    On a GPU this is the float32 math reference (the backend is there to check the Triton
+    kernels, not to be fast)."""
+    if q.device.type == "cpu":
+        out, lse = _flash(q, k, v, 0.0, causal, attn_mask=mask, scale=scaling)
+        return out, lse
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scaling)
+    if mask is not None:
+        scores = scores + mask.float()
+    if causal:
+        upper = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu_(1)
+        scores = scores.masked_fill(upper, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.float())
+    return out.to(q.dtype), lse
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -71,8 +84,12 @@ class TorchNativeAttnBackend(AttentionBackend):
             lengths = forward_batch.seq_lens  # including the new token
         else:
             lengths = forward_batch.extend_prefix_lens
-        forward_batch.attn_metadata = [slot_run(table[r], n) for r, n in
-                                       zip(forward_batch.req_pool_indices, lengths)]
+        runs = [slot_run(table[r], n) for r, n in zip(forward_batch.req_pool_indices, lengths)]
+        device = forward_batch.token_to_kv_pool.k_buffer[0].device
+        for run in runs:
+            if run.index is not None:
+                run.index = run.index.to(device)
+        forward_batch.attn_metadata = runs
 
     @staticmethod
     def _read(pool: MHATokenToKVPool, layer_id: int, run: SlotRun

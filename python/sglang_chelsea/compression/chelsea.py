@@ -18,9 +18,10 @@ import torch
 
 from sglang_chelsea.compression.base import (KVCompressor, page_slots, register_compressor,
     shrink_page)
-from sglang_chelsea.kernels.chunked_soft_matching import chunked_soft_matching
+from sglang_chelsea.kernels.chunked_soft_matching import MergeResult, chunked_soft_matching
 
 if TYPE_CHECKING:
+    from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool
     from sglang_chelsea.managers.schedule_batch import Req
     from sglang_chelsea.managers.scheduler import Scheduler
     from sglang_chelsea.server_args import ServerArgs
@@ -67,7 +68,8 @@ class ChelseaCompressor(KVCompressor):
         slots = torch.stack([page_slots(scheduler, req, page) for req, page in jobs])  # [N, C]
         n_chunks = len(jobs)
         layers = range(self.full_layers, pool.num_layers)
-        flat = slots.reshape(-1)
+        device = pool.k_buffer[0].device
+        flat = slots.reshape(-1).to(device)
         # [L, H, N * C, D] -> [L * N, H, C, D]
         keys = torch.stack([pool.k_buffer[l].index_select(1, flat) for l in layers])
         values = torch.stack([pool.v_buffer[l].index_select(1, flat) for l in layers])
@@ -86,32 +88,53 @@ class ChelseaCompressor(KVCompressor):
                 chunked_soft_matching_triton as match)
         result = match(
             keys, values, target=self.target, round_fraction=self.round_fraction,
-            min_similarity=self.min_similarity, protected=protected.repeat(n_layers, 1))
-        kept = result.num_kept.view(n_layers, n_chunks, h).amax(dim=(0, 2))  # [N]
+            min_similarity=self.min_similarity,
+            protected=protected.to(device).repeat(n_layers, 1))
+        # Slots kept per chunk: the most centroids any compressed layer/head needs (all C
+        # when some layers stay raw).
+        kept = result.num_kept.view(n_layers, n_chunks, h).amax(dim=(0, 2)).cpu()  # [N]
         if self.full_layers:
             kept = torch.full_like(kept, c)
-        m_max = result.keys.shape[2]
-        out_k = result.keys.view(n_layers, n_chunks, h, m_max, d)
-        out_v = result.values.view(n_layers, n_chunks, h, m_max, d)
-        out_w = result.sizes.view(n_layers, n_chunks, h, m_max)
-        if not self.size_bias:
-            out_w = (out_w > 0).to(out_w.dtype)
+        self._write_centroids(pool, layers, slots, kept, result)
         for i, (req, page) in enumerate(jobs):
             m = int(kept[i])
-            dst = slots[i, :m]
-            for j, layer in enumerate(layers):
-                mm = min(m, m_max)
-                pool.k_buffer[layer][:, dst[:mm]] = out_k[j, i, :, :mm].to(pool.dtype)
-                pool.v_buffer[layer][:, dst[:mm]] = out_v[j, i, :, :mm].to(pool.dtype)
-                pool.weight_buffer[layer][:, dst[:mm]] = out_w[j, i, :, :mm]
-            for layer in range(self.full_layers):
-                pool.weight_buffer[layer][:, dst] = 1.0
             shrink_page(scheduler, req, page, m)
             self.clustered_chunks += 1
             self.clustered_tokens += c
             self.kept_slots += m
         for req, page in jobs:
             req.compressed_pages = max(req.compressed_pages, page + 1)
+
+    def _write_centroids(self, pool: "MHATokenToKVPool", layers: range, slots: torch.Tensor,
+                         kept: torch.Tensor, result: "MergeResult") -> None:
+        """Write each chunk's centroids into the first of its ``kept`` slots, one scatter
+        per layer; kept slots past a compressed layer's centroids get weight 0 (padding),
+        and the raw layers' kept slots weight 1."""
+        n_chunks, c = slots.shape
+        h, d = pool.num_kv_heads, pool.head_dim
+        n_layers = len(layers)
+        m_max = result.keys.shape[2]
+        device = pool.k_buffer[0].device
+        pos = torch.arange(c)
+        valid = pos[None, :m_max] < kept[:, None]  # [N, m_max]: centroid slots
+        pad = (pos[None, :] >= m_max) & (pos[None, :] < kept[:, None])  # [N, C]
+        dst = slots[:, :m_max][valid].to(device)
+        pad_dst = slots[pad].to(device)
+        valid_dev = valid.to(device)
+        out_k = result.keys.view(n_layers, n_chunks, h, m_max, d).transpose(1, 2)
+        out_v = result.values.view(n_layers, n_chunks, h, m_max, d).transpose(1, 2)
+        out_w = result.sizes.view(n_layers, n_chunks, h, m_max).transpose(1, 2)
+        if not self.size_bias:
+            out_w = (out_w > 0).to(out_w.dtype)
+        for j, layer in enumerate(layers):
+            pool.k_buffer[layer][:, dst] = out_k[j][:, valid_dev].to(pool.dtype)
+            pool.v_buffer[layer][:, dst] = out_v[j][:, valid_dev].to(pool.dtype)
+            pool.weight_buffer[layer][:, dst] = out_w[j][:, valid_dev]
+            if pad_dst.numel():
+                pool.weight_buffer[layer][:, pad_dst] = 0.0
+        kept_slots = slots[pos[None, :] < kept[:, None]].to(device)
+        for layer in range(self.full_layers):
+            pool.weight_buffer[layer][:, kept_slots] = 1.0
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -35,6 +35,11 @@ class RotaryEmbedding:
         self.cos = (emb.cos() * attn_scaling).to(dtype)
         self.sin = (emb.sin() * attn_scaling).to(dtype)
 
+    def to(self, device: torch.device) -> None:
+        """Move the tables to the model's device."""
+        self.cos = self.cos.to(device)
+        self.sin = self.sin.to(device)
+
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape ``[T, 1, head_dim]`` for broadcasting over heads."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)

@@ -51,3 +51,13 @@ class ForwardBatch:
     rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     attn_metadata: Any = None
     extras: dict = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> None:
+        """Move the per-token index tensors to the model's device (no-op when already there)."""
+        if self.input_ids.device == device:
+            return
+        self.input_ids = self.input_ids.to(device, non_blocking=True)
+        self.positions = self.positions.to(device, non_blocking=True)
+        self.out_cache_loc = self.out_cache_loc.to(device, non_blocking=True)
+        if self.logits_rows is not None:
+            self.logits_rows = self.logits_rows.to(device, non_blocking=True)

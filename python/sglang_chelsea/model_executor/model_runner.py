@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from sglang_chelsea.attention.base_backend import AttentionBackend
 from sglang_chelsea.attention.torch_backend import TorchNativeAttnBackend
 from sglang_chelsea.configs.model_config import ModelConfig
 from sglang_chelsea.mem_cache.memory_pool import (
@@ -25,8 +26,11 @@ from sglang_chelsea.server_args import ServerArgs
 logger = logging.getLogger(__name__)
 
 
-def available_memory_bytes() -> int:
-    """MemAvailable from /proc/meminfo (falls back to total physical memory)."""
+def available_memory_bytes(device: str = "cpu") -> int:
+    """Free GPU memory on cuda; MemAvailable from /proc/meminfo on the CPU."""
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -37,19 +41,52 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def create_attn_backend(name: str) -> AttentionBackend:
+    """The backend named by ``--attention-backend`` (already resolved from auto)."""
+    if name == "torch":
+        return TorchNativeAttnBackend()
+    if name == "triton":
+        from sglang_chelsea.attention.triton_backend import TritonAttnBackend
+
+        return TritonAttnBackend()
+    raise ValueError(f"unknown attention backend {name!r}")
+
+
+def init_dummy_weights(model: torch.nn.Module, device: torch.device, seed: int) -> None:
+    """Random weights of the model's shape, made on ``device`` (``--load-format dummy``).
+
+    Linear and embedding weights ~ N(0, 0.02), norms 1, biases 0 (SGLang's dummy loader
+    fills uniform noise; a normal with small std keeps activations finite over many layers).
+    """
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.data.zero_()
+        else:
+            param.data.normal_(0.0, 0.02, generator=gen)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+
+
 class ModelRunner:
-    """Model weights + KV pools + attention backend, on the CPU."""
+    """Model weights + KV pools + attention backend, on the CPU or a CUDA GPU."""
 
     def __init__(self, server_args: ServerArgs) -> None:
         self.server_args = server_args
         if server_args.num_threads:
             torch.set_num_threads(server_args.num_threads)
         torch.manual_seed(server_args.random_seed)
-        self.dtype = resolve_dtype(server_args.dtype)
+        self.device = torch.device(server_args.device)
+        self.dtype = resolve_dtype(server_args.dtype, server_args.device)
         t0 = time.perf_counter()
         loaded = load_model(server_args.model_path, self.dtype,
                             tokenizer_path=server_args.tokenizer_path,
-                            context_length=server_args.context_length)
+                            context_length=server_args.context_length,
+                            load_format=server_args.load_format,
+                            skip_tokenizer_init=server_args.skip_tokenizer_init)
         self.model_path = loaded.model_path
         self.model_config: ModelConfig = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -61,13 +98,18 @@ class ModelRunner:
         with torch.device("meta"):
             model = ARCHITECTURES[cfg.architecture](cfg, self.context_len + 1, self.dtype)
         model.to(self.dtype)
-        model.load_weights(loaded.weights)
+        if loaded.weights is None:
+            init_dummy_weights(model, self.device, server_args.random_seed)
+        else:
+            model.load_weights(loaded.weights)
+            model.to(self.device)
+        model.rotary.to(self.device)
         del loaded
         self.model = model.eval()
         logger.info("Loaded %s (%s, %d layers) in %.1f s", self.model_path, cfg.architecture,
                     cfg.num_hidden_layers, time.perf_counter() - t0)
         self._init_memory_pool()
-        self.attn_backend = TorchNativeAttnBackend()
+        self.attn_backend = create_attn_backend(server_args.attention_backend)
 
     def _init_memory_pool(self) -> None:
         args, cfg = self.server_args, self.model_config
@@ -76,21 +118,27 @@ class ModelRunner:
         if args.max_total_tokens is not None:
             size = args.max_total_tokens
         else:
-            size = int(available_memory_bytes() * args.mem_fraction_static) // per_slot
+            size = int(available_memory_bytes(args.device) * args.mem_fraction_static) // per_slot
             size = max(size, 16)
         self.max_total_num_tokens = size
         self.req_to_token_pool = ReqToTokenPool(args.max_running_requests + 1, self.context_len + 1)
         self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(size)
         self.token_to_kv_pool = MHATokenToKVPool(size, cfg.num_hidden_layers,
-                                                 cfg.num_key_value_heads, cfg.head_dim, self.dtype)
+                                                 cfg.num_key_value_heads, cfg.head_dim, self.dtype,
+                                                 device=self.device)
         logger.info("KV pool: %d slots, %.1f MB", size, size * per_slot / 2**20)
 
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch) -> torch.Tensor:
-        """Run the model; return float32 logits for ``forward_batch.logits_rows``."""
+        """Run the model; return float32 logits (on the CPU) for ``forward_batch.logits_rows``.
+
+        The scheduler builds the batch's index tensors on the CPU; they are moved to the
+        model's device here, and the sampler works on the returned CPU logits.
+        """
+        forward_batch.to(self.device)
         self.attn_backend.init_forward_metadata(forward_batch)
         hidden = self.model(forward_batch)
         rows: Optional[torch.Tensor] = forward_batch.logits_rows
         if rows is not None:
             hidden = hidden.index_select(0, rows)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden).cpu()

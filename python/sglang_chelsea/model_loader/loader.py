@@ -42,16 +42,16 @@ class LoadedModel:
     """Everything the runtime needs from a checkpoint; ``weights`` use HF names and ``dtype``."""
 
     config: ModelConfig
-    weights: dict[str, torch.Tensor]
-    tokenizer: Any
+    weights: Optional[dict[str, torch.Tensor]]  # None for --load-format dummy
+    tokenizer: Any  # None with --skip-tokenizer-init
     model_path: str
 
 
-def resolve_dtype(dtype: str) -> torch.dtype:
-    """Map a ``--dtype`` string to a torch dtype ("auto" is float32 on the CPU)."""
+def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
+    """Map a ``--dtype`` string to a torch dtype ("auto": float32 on the CPU, bfloat16 on a GPU)."""
     key = dtype.lower()
     if key == "auto":
-        return torch.float32
+        return torch.bfloat16 if device == "cuda" else torch.float32
     if key not in _DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose auto or one of {', '.join(_DTYPES)}")
     return _DTYPES[key]
@@ -146,10 +146,20 @@ def load_model(
     dtype: torch.dtype,
     tokenizer_path: Optional[str] = None,
     context_length: Optional[int] = None,
+    load_format: str = "auto",
+    skip_tokenizer_init: bool = False,
 ) -> LoadedModel:
-    """Load config, weights (cast to ``dtype``) and tokenizer of a GGUF file or HF directory."""
+    """Load config, weights (cast to ``dtype``) and tokenizer of a GGUF file or HF directory.
+
+    ``load_format="dummy"`` reads the config only (the runner fills random weights);
+    ``skip_tokenizer_init`` leaves the tokenizer out.
+    """
     path = resolve_model_path(model_path)
     _check_file(path)
+    tokenizer = None if skip_tokenizer_init else load_tokenizer(path, tokenizer_path)
+    if load_format == "dummy":
+        config = load_model_config(path, context_length)
+        return LoadedModel(config=config, weights=None, tokenizer=tokenizer, model_path=path)
     start = time.perf_counter()
     if is_gguf(path):
         reader = gguf_loader.open_gguf(path)
@@ -158,7 +168,6 @@ def load_model(
     else:
         config = hf_loader.hf_model_config(path)
         weights = hf_loader.load_hf_weights(path, config, dtype)
-    tokenizer = load_tokenizer(path, tokenizer_path)
     _check_weights(config, weights, path)
     logger.info("loaded %s in %.1f s", path, time.perf_counter() - start)
     return LoadedModel(
