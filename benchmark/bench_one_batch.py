@@ -3,6 +3,12 @@
     python benchmark/bench_one_batch.py --batch-size 1 8 --input-len 1024 4096 --output-len 32 \
         [--compare-hf] [--kv-compression chelsea --chelsea-keep-ratio 0.2] [--result-filename out.jsonl]
 
+On a GPU with random weights of Llama-3-8B's shape (no download):
+
+    python benchmark/bench_one_batch.py --model-path benchmark/configs/llama3-8b \
+        --load-format dummy --skip-tokenizer-init --chunked-prefill-size 8192 \
+        --batch-size 1 16 --input-len 8192 32768
+
 Prints a table (prefill latency/throughput, median decode latency/throughput, peak RSS, KV
 slots per request after prefill and at peak) and appends one JSON line per run. The
 prefill runs in one step unless --chunked-prefill-size is given.
@@ -162,8 +168,15 @@ def main(argv: Optional[list[str]] = None) -> None:
                 rows.append(summarize("hf-transformers", batch, input_len, args.output_len,
                                       run_hf(hf_model, prompts, args.output_len)))
             print(json.dumps(rows[-1]), file=sys.stderr)
+    device = scheduler.model_runner.device
     for row in rows:
         row.update({"kv_compression": server_args.kv_compression,
+                    "keep_ratio": server_args.chelsea_keep_ratio,
+                    "model": scheduler.model_runner.model_path,
+                    "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                               else f"cpu x{torch.get_num_threads()} threads"),
+                    "dtype": str(scheduler.model_runner.dtype).removeprefix("torch."),
+                    "attention_backend": server_args.attention_backend,
                     "threads": torch.get_num_threads()})
     print_table(rows)
     with open(args.result_filename, "a") as f:

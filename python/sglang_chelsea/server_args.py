@@ -58,6 +58,8 @@ class ServerArgs:
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     attention_backend: str = "auto"
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: Optional[int] = None
     random_seed: int = 0
     num_threads: Optional[int] = None
     tp_size: int = 1
@@ -73,6 +75,7 @@ class ServerArgs:
     chelsea_full_layers: int = 0
     chelsea_size_bias: bool = True
     chelsea_recent_chunks: int = 1
+    chelsea_kernel: str = "torch"
     streaming_window: int = 1024
 
     def __post_init__(self) -> None:
@@ -123,6 +126,8 @@ class ServerArgs:
         if min(self.chelsea_sink_tokens, self.chelsea_full_layers, self.chelsea_recent_chunks) < 0:
             raise ValueError(
                 "chelsea_sink_tokens, chelsea_full_layers and chelsea_recent_chunks must be >= 0")
+        if self.chelsea_kernel not in ("torch", "triton"):
+            raise ValueError(f"chelsea_kernel must be torch or triton, got {self.chelsea_kernel!r}")
         if self.streaming_window < 1:
             raise ValueError("streaming_window must be >= 1")
         if self.tp_size != 1 or self.dp_size != 1:
@@ -130,6 +135,8 @@ class ServerArgs:
         if self.attention_backend not in ATTENTION_BACKEND_CHOICES:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKEND_CHOICES}, "
                              f"got {self.attention_backend!r}")
+        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
+            raise ValueError("cuda_graph_max_bs must be >= 1")
         if self.attention_backend == "flashinfer":
             raise ValueError("attention_backend 'flashinfer' is not built in this release "
                              "(see docs/gpu.md); use triton on a GPU or torch")
@@ -208,6 +215,11 @@ class ServerArgs:
         g.add_argument("--attention-backend", type=str, default=d.attention_backend,
                        choices=list(ATTENTION_BACKEND_CHOICES),
                        help="auto (triton on a GPU, torch on the CPU), torch or triton")
+        g.add_argument("--disable-cuda-graph", action="store_true",
+                       help="Run decode eagerly on a GPU instead of replaying CUDA graphs")
+        g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs,
+                       help="Largest decode batch captured in a CUDA graph "
+                            "(default: --max-running-requests, at most 64)")
         g.add_argument("--random-seed", type=int, default=d.random_seed, help="Global random seed")
         g.add_argument("--num-threads", type=int, default=d.num_threads,
                        help="torch intra-op threads (default: all cores)")
@@ -233,6 +245,10 @@ class ServerArgs:
                        help="Add log(cluster size) to each centroid's attention logit")
         g.add_argument("--chelsea-recent-chunks", type=int, default=d.chelsea_recent_chunks,
                        help="Newest completed chunks kept raw (compressed once newer ones complete)")
+        g.add_argument("--chelsea-kernel", type=str, default=d.chelsea_kernel,
+                       choices=["torch", "triton"],
+                       help="Chunked Soft Matching implementation: the batched torch ops "
+                            "(CPU or GPU) or the Triton kernel (GPU)")
         g.add_argument("--streaming-window", type=int, default=d.streaming_window,
                        help="streaming: recent tokens kept besides the sinks")
 

@@ -343,6 +343,8 @@ def test_triton_kernel_matches_reference(c: int, target: int, dtype: torch.dtype
     protected[:, :2] = True
     protected[1, c // 2] = True
     kwargs = {"target": target, "round_fraction": 0.25, "min_similarity": 0.1}
+    dev = "cpu" if _ON_CPU else "cuda"
+    keys, values, sizes, protected = (t.to(dev) for t in (keys, values, sizes, protected))
     for args in ({"sizes": sizes, "protected": protected}, {}):
         ref = chunked_soft_matching(keys, values, **args, **kwargs)
         tri = chunked_soft_matching_triton(keys, values, **args, **kwargs)

@@ -41,6 +41,7 @@ class ChelseaCompressor(KVCompressor):
         self.full_layers = server_args.chelsea_full_layers
         self.size_bias = server_args.chelsea_size_bias
         self.recent_chunks = server_args.chelsea_recent_chunks
+        self.kernel = server_args.chelsea_kernel
         self.clustered_chunks = 0
         self.clustered_tokens = 0
         self.kept_slots = 0
@@ -83,7 +84,7 @@ class ChelseaCompressor(KVCompressor):
             if first < self.sink_tokens:
                 protected[i, : self.sink_tokens - first] = True
         match = chunked_soft_matching
-        if keys.is_cuda:  # the Triton kernel on a GPU; the torch reference on the CPU
+        if self.kernel == "triton":
             from sglang_chelsea.kernels.chunked_soft_matching_triton import (
                 chunked_soft_matching_triton as match)
         result = match(

@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 import torch
 
-from sglang_chelsea.compression.base import create_compressor
 from sglang_chelsea.managers.generate_request import validate_tokenized_request
 from sglang_chelsea.managers.io_struct import ReqOutput, TokenizedGenerateReqInput
 from sglang_chelsea.managers.schedule_batch import Req
@@ -54,9 +53,7 @@ class Scheduler:
         chunk = server_args.chunked_prefill_size
         self.chunked_prefill_size = None if chunk in (None, -1) else chunk
         self.max_req_input_len = min(self.context_len - 1, self.max_total_num_tokens - 1)
-        self.kv_compressor = create_compressor(server_args)
-        self.token_to_kv_pool.uniform_weights = not (
-            self.kv_compressor is not None and self.kv_compressor.writes_slot_weights)
+        self.kv_compressor = mr.kv_compressor
         self.waiting_queue: list[Req] = []
         self.running: list[Req] = []
         self.chunked_req: Optional[Req] = None
@@ -287,7 +284,7 @@ class Scheduler:
                     sample_rows.append(start + n_lp)
         self._compress_and_cache(reqs)
         if to_sample:
-            sample_batch(self, to_sample, logits[torch.tensor(sample_rows)])
+            sample_batch(self, to_sample, logits[torch.tensor(sample_rows, device=logits.device)])
         for req, (_, _, prefill_done) in zip(reqs, plans):
             if req.finished():
                 self._release_finished(req)

@@ -8,7 +8,8 @@ import torch
 
 from sglang_chelsea.managers.schedule_batch import Req
 from sglang_chelsea.sampling.penalties import min_new_tokens_banned_ids
-from sglang_chelsea.sampling.sampler import SamplingBatchInfo, compute_top_logprobs, logprobs_of
+from sglang_chelsea.sampling.sampler import (SampleOutput, SamplingBatchInfo, compute_top_logprobs,
+                                             logprobs_of)
 
 if TYPE_CHECKING:
     from sglang_chelsea.managers.scheduler import Scheduler
@@ -24,11 +25,16 @@ def sample_batch(scheduler: "Scheduler", reqs: list[Req], logits: torch.Tensor) 
               for r in reqs]
     any_logprob = any(r.return_logprob for r in reqs)
     tops = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs]
-    out = scheduler.sampler(
-        logits, info,
-        output_ids=[r.output_ids for r in reqs] if info.need_penalties else None,
-        banned_ids=banned if any(banned) else None,
-        return_logprob=any_logprob, top_logprobs_nums=tops if any(tops) else None)
+    if (logits.device.type != "cpu" and info.is_all_greedy and not any_logprob
+            and not info.need_penalties and not any(banned)):
+        # Plain greedy on a GPU: only the argmax crosses to the host, not [B, V] logits.
+        out = SampleOutput(logits.argmax(dim=-1), None, None)
+    else:
+        out = scheduler.sampler(
+            logits.cpu(), info,
+            output_ids=[r.output_ids for r in reqs] if info.need_penalties else None,
+            banned_ids=banned if any(banned) else None,
+            return_logprob=any_logprob, top_logprobs_nums=tops if any(tops) else None)
     next_ids = out.next_token_ids.tolist()
     chosen = out.logprobs.tolist() if out.logprobs is not None else None
     for i, (req, tok) in enumerate(zip(reqs, next_ids)):

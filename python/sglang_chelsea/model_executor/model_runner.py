@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from sglang_chelsea.attention.base_backend import AttentionBackend
 from sglang_chelsea.attention.torch_backend import TorchNativeAttnBackend
+from sglang_chelsea.compression.base import create_compressor
 from sglang_chelsea.configs.model_config import ModelConfig
 from sglang_chelsea.mem_cache.memory_pool import (
     MHATokenToKVPool,
@@ -22,6 +23,9 @@ from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch
 from sglang_chelsea.model_loader import load_model, resolve_dtype
 from sglang_chelsea.models.llama import ARCHITECTURES
 from sglang_chelsea.server_args import ServerArgs
+
+if TYPE_CHECKING:
+    from sglang_chelsea.model_executor.cuda_graph_runner import CudaGraphRunner
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +113,19 @@ class ModelRunner:
         logger.info("Loaded %s (%s, %d layers) in %.1f s", self.model_path, cfg.architecture,
                     cfg.num_hidden_layers, time.perf_counter() - t0)
         self._init_memory_pool()
+        # The KV policy decides once whether attention applies slot weights (before any
+        # CUDA graph is captured with or without them).
+        self.kv_compressor = create_compressor(server_args)
+        self.token_to_kv_pool.uniform_weights = not (
+            self.kv_compressor is not None and self.kv_compressor.writes_slot_weights)
         self.attn_backend = create_attn_backend(server_args.attention_backend)
+        self.cuda_graph_runner: Optional["CudaGraphRunner"] = None
+        if (self.device.type == "cuda" and server_args.attention_backend == "triton"
+                and not server_args.disable_cuda_graph):
+            from sglang_chelsea.model_executor.cuda_graph_runner import CudaGraphRunner
+
+            max_bs = server_args.cuda_graph_max_bs or min(server_args.max_running_requests, 64)
+            self.cuda_graph_runner = CudaGraphRunner(self, max_bs)
 
     def _init_memory_pool(self) -> None:
         args, cfg = self.server_args, self.model_config
@@ -130,15 +146,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch) -> torch.Tensor:
-        """Run the model; return float32 logits (on the CPU) for ``forward_batch.logits_rows``.
-
-        The scheduler builds the batch's index tensors on the CPU; they are moved to the
-        model's device here, and the sampler works on the returned CPU logits.
-        """
+        """Run the model; return float32 logits for ``forward_batch.logits_rows`` (on the
+        model's device; the scheduler builds the batch's index tensors on the CPU and they
+        are moved here). Decode batches replay a CUDA graph when one is captured."""
+        if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(forward_batch):
+            return self.cuda_graph_runner.replay(forward_batch)
         forward_batch.to(self.device)
         self.attn_backend.init_forward_metadata(forward_batch)
         hidden = self.model(forward_batch)
         rows: Optional[torch.Tensor] = forward_batch.logits_rows
         if rows is not None:
             hidden = hidden.index_select(0, rows)
-        return self.model.compute_logits(hidden).cpu()
+        return self.model.compute_logits(hidden)

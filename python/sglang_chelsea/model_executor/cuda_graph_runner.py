@@ -1,0 +1,119 @@
+"""CudaGraphRunner: decode steps replayed from CUDA graphs (SGLang's name and flags).
+
+A decode step of a large model launches about a thousand small kernels; on a GPU their
+launch cost, not the weights or the KV cache, sets the step time at short contexts. The
+runner captures the whole decode forward (model and Triton attention) once per padded
+batch size into static input buffers; a step copies its token ids, positions, output
+slots and flattened slot lists into them and replays the graph.
+
+What stays fixed in a graph: the batch size (a step runs in the smallest captured size
+that holds it; the extra rows attend to nothing, write to the padding slot 0 and are
+dropped), the decode split count (chosen for the longest context) and whether slot
+weights are applied (decided once by the KV policy). The slot list buffer holds the whole
+pool, so any mix of lengths fits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from sglang_chelsea.attention.triton_backend import TritonMetadata, flatten_slot_lists
+from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+if TYPE_CHECKING:
+    from sglang_chelsea.model_executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def capture_batch_sizes(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to ``max_bs`` (which is always included)."""
+    sizes = [b for b in (1, 2, 4) if b < max_bs] + list(range(8, max_bs, 8))
+    return sizes + [max_bs]
+
+
+class CudaGraphRunner:
+    """Captures and replays decode forwards for the Triton backend on a CUDA device."""
+
+    def __init__(self, model_runner: "ModelRunner", max_bs: int) -> None:
+        self.model_runner = model_runner
+        self.max_bs = max_bs
+        self.batch_sizes = capture_batch_sizes(max_bs)
+        dev = model_runner.device
+        pool = model_runner.token_to_kv_pool
+        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.out_cache_loc = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        # Capture-time lists: one slot (the padding slot 0) per request.
+        self.kv_indptr = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self.kv_indices = torch.zeros(pool.size + 1, dtype=torch.int32, device=dev)
+        self.q_start = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.mempool = torch.cuda.graph_pool_handle()
+        t0 = time.perf_counter()
+        for bs in reversed(self.batch_sizes):  # largest first: smaller ones reuse its memory
+            self._capture(bs)
+        logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s",
+                    self.batch_sizes, time.perf_counter() - t0)
+
+    def _batch(self, bs: int) -> ForwardBatch:
+        mr = self.model_runner
+        pool = mr.token_to_kv_pool
+        fb = ForwardBatch(
+            forward_mode=ForwardMode.DECODE, batch_size=bs, input_ids=self.input_ids[:bs],
+            positions=self.positions[:bs], out_cache_loc=self.out_cache_loc[:bs],
+            req_pool_indices=[0] * bs, seq_lens=[1] * bs, extend_prefix_lens=[0] * bs,
+            extend_seq_lens=[1] * bs, req_to_token_pool=mr.req_to_token_pool,
+            token_to_kv_pool=pool, attn_backend=mr.attn_backend)
+        splits = mr.attn_backend._splits(bs, pool.num_kv_heads, mr.context_len, mr.device)
+        fb.attn_metadata = TritonMetadata(self.kv_indptr[:bs + 1], self.kv_indices,
+                                          self.q_start[:bs], splits)
+        return fb
+
+    def _run(self, fb: ForwardBatch) -> torch.Tensor:
+        model = self.model_runner.model
+        return model.compute_logits(model(fb))
+
+    @torch.inference_mode()
+    def _capture(self, bs: int) -> None:
+        fb = self._batch(bs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: compiles the kernels, settles the allocator
+                self._run(fb)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            self.logits[bs] = self._run(fb)
+        self.graphs[bs] = graph
+
+    def can_run(self, forward_batch: ForwardBatch) -> bool:
+        return forward_batch.forward_mode.is_decode() and forward_batch.batch_size <= self.max_bs
+
+    def replay(self, forward_batch: ForwardBatch) -> torch.Tensor:
+        """Logits ``[B, V]`` of a decode batch (index tensors on the CPU)."""
+        bs = forward_batch.batch_size
+        padded = next(b for b in self.batch_sizes if b >= bs)
+        indptr, indices = flatten_slot_lists(forward_batch.req_to_token_pool.req_to_token,
+                                             forward_batch.req_pool_indices,
+                                             list(forward_batch.seq_lens))
+        self.input_ids[:bs].copy_(forward_batch.input_ids, non_blocking=True)
+        self.positions[:bs].copy_(forward_batch.positions, non_blocking=True)
+        self.out_cache_loc[:bs].copy_(forward_batch.out_cache_loc, non_blocking=True)
+        self.kv_indptr[:bs + 1].copy_(indptr, non_blocking=True)
+        if padded > bs:  # extra rows: empty lists, token 0 written to the padding slot
+            self.input_ids[bs:padded].zero_()
+            self.positions[bs:padded].zero_()
+            self.out_cache_loc[bs:padded].zero_()
+            self.kv_indptr[bs + 1:padded + 1].fill_(int(indptr[-1]))
+        self.kv_indices[:indices.numel()].copy_(indices, non_blocking=True)
+        self.graphs[padded].replay()
+        logits = self.logits[padded][:bs]
+        rows = forward_batch.logits_rows
+        return (logits if rows is None else logits[rows.to(logits.device)]).clone()
