@@ -105,7 +105,8 @@ class MHATokenToKVPool:
         self.k_buffer[layer_id][:, loc] = k.transpose(0, 1).to(self.dtype)
         self.v_buffer[layer_id][:, loc] = v.transpose(0, 1).to(self.dtype)
         if not self.uniform_weights:
-            self.weight_buffer[layer_id][:, loc] = 1.0
+            # index_fill_ with a Python scalar: no host-to-device copy (CUDA-graph safe).
+            self.weight_buffer[layer_id].index_fill_(1, loc, 1.0)
 
 
 def kv_bytes_per_slot(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
