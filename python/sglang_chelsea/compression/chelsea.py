@@ -57,8 +57,13 @@ class ChelseaCompressor(KVCompressor):
                 jobs.append((req, page))
         if not jobs:
             return
+        on_gpu = scheduler.token_to_kv_pool.k_buffer[0].is_cuda
+        if on_gpu:  # the forward pass may still be running: time clustering alone
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         self._compress(scheduler, jobs)
+        if on_gpu:
+            torch.cuda.synchronize()
         self.cluster_time += time.perf_counter() - t0
 
     def _compress(self, scheduler: "Scheduler", jobs: list[tuple["Req", int]]) -> None:
