@@ -27,12 +27,18 @@ DEFAULT_CACHE_SIZE = 256
 _validated: LRUCache[bool] = LRUCache(DEFAULT_CACHE_SIZE)
 
 
+def _one_line(error: str) -> str:
+    """llguidance's message without its source excerpt: the first line and ``error:`` lines."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    return " ".join(lines[:1] + [line for line in lines[1:] if line.startswith("error:")])
+
+
 def _check(spec: GrammarSpec, tokenizer: Optional[llguidance.LLTokenizer]) -> str:
     """The llguidance grammar of ``spec``; ValueError naming the problem when it is invalid."""
     grammar = to_llguidance(spec)
     error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
     if error:
-        raise ValueError(f"invalid {spec.kind}: {error.strip()}")
+        raise ValueError(f"invalid {spec.kind}: {_one_line(error)}")
     return grammar
 
 
@@ -84,6 +90,6 @@ class GrammarBackend:
         grammar = _check(spec, self.ll_tokenizer)
         matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise ValueError(f"invalid {spec.kind}: {matcher.get_error()}")
+            raise ValueError(f"invalid {spec.kind}: {_one_line(matcher.get_error())}")
         logger.debug("compiled %s grammar (%d cached)", spec.kind, len(self.cache) + 1)
         return matcher

@@ -39,5 +39,7 @@ class GrammarMatcher:
         return self._matcher.is_stopped()
 
     def error(self) -> Optional[str]:
-        """The matcher's error (a rejected token, a parser limit), or None."""
-        return self._matcher.get_error() if self._matcher.is_error() else None
+        """The matcher's error (a rejected token, a parser limit) in one line, or None."""
+        if not self._matcher.is_error():
+            return None
+        return self._matcher.get_error().strip().splitlines()[0]
