@@ -66,7 +66,17 @@ def walk(fill: Callable[[], None], accept: Callable[[int], None], done: Callable
         fills.append(t1 - t0)
         accepts.append(t3 - t2)
     later = fills[1:] or fills
-    return fills[0] * 1e3, statistics.mean(later) * 1e3, statistics.mean(accepts) * 1e3, len(fills)
+    mean_ms = statistics.mean
+    return fills[0] * 1e3, mean_ms(later) * 1e3, mean_ms(accepts) * 1e3, len(fills)
+
+
+def result_row(library: str, kind: str, setup_s: float, compile_s: float,
+               stats: tuple[float, float, float, int]) -> dict[str, Any]:
+    first_ms, mask_ms, accept_ms, steps = stats
+    return {"library": f"{library} {version(library)}", "grammar": kind,
+            "tokenizer_setup_s": setup_s, "compile_ms": compile_s * 1e3,
+            "first_mask_ms": first_ms, "mask_ms": mask_ms, "accept_ms": accept_ms,
+            "steps": steps}
 
 
 def bench_xgrammar(tokenizer: Any, vocab: int, eos: int, steps: int) -> list[dict[str, Any]]:
@@ -84,12 +94,9 @@ def bench_xgrammar(tokenizer: Any, vocab: int, eos: int, steps: int) -> list[dic
         compile_s = time.perf_counter() - t0
         matcher = xgr.GrammarMatcher(compiled)
         bitmask = xgr.allocate_token_bitmask(1, vocab)
-        first_ms, fill_ms, accept_ms, n = walk(lambda: matcher.fill_next_token_bitmask(bitmask),
-                                     matcher.accept_token, matcher.is_terminated,
-                                     bitmask, vocab, steps, eos)
-        rows.append({"library": f"xgrammar {version('xgrammar')}", "grammar": kind,
-                     "tokenizer_setup_s": setup, "compile_ms": compile_s * 1e3,
-                     "first_mask_ms": first_ms, "mask_ms": fill_ms, "accept_ms": accept_ms, "steps": n})
+        stats = walk(lambda: matcher.fill_next_token_bitmask(bitmask), matcher.accept_token,
+                     matcher.is_terminated, bitmask, vocab, steps, eos)
+        rows.append(result_row("xgrammar", kind, setup, compile_s, stats))
     return rows
 
 
@@ -110,12 +117,10 @@ def bench_llguidance(tokenizer: Any, vocab: int, eos: int, steps: int) -> list[d
         compile_s = time.perf_counter() - t0
         assert not matcher.is_error(), matcher.get_error()
         bitmask = llguidance.torch.allocate_token_bitmask(1, vocab)
-        first_ms, fill_ms, accept_ms, n = walk(
+        stats = walk(
             lambda: llguidance.torch.fill_next_token_bitmask(matcher, bitmask, 0),
             matcher.consume_token, matcher.is_stopped, bitmask, vocab, steps, eos)
-        rows.append({"library": f"llguidance {version('llguidance')}", "grammar": kind,
-                     "tokenizer_setup_s": setup, "compile_ms": compile_s * 1e3,
-                     "first_mask_ms": first_ms, "mask_ms": fill_ms, "accept_ms": accept_ms, "steps": n})
+        rows.append(result_row("llguidance", kind, setup, compile_s, stats))
     return rows
 
 

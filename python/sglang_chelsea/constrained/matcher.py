@@ -24,7 +24,8 @@ class GrammarMatcher:
     def fill_bitmask(self, bitmask: Tensor, row: int) -> None:
         """Write the allowed next tokens into row ``row`` of an int32 bitmask ``[B, W]``."""
         words = bitmask[row]
-        if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or not words.is_contiguous():
+        if (bitmask.dtype != torch.int32 or bitmask.device.type != "cpu"
+                or not words.is_contiguous()):
             raise ValueError("bitmask must be a contiguous int32 CPU tensor")
         self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
 

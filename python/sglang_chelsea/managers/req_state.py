@@ -74,7 +74,8 @@ class ReqState:
             if incremental:
                 self.streamed_output_logprobs = len(self.output_token_logprobs)
             logprobs = {
-                "input_token_logprobs": format_token_logprobs(self.input_token_logprobs, tokenizer, rt),
+                "input_token_logprobs": format_token_logprobs(self.input_token_logprobs,
+                                                              tokenizer, rt),
                 "output_token_logprobs": format_token_logprobs(self.output_token_logprobs[start:],
                                                                tokenizer, rt),
                 "output_token_logprobs_length": len(self.output_token_logprobs),
