@@ -176,3 +176,48 @@ def test_compute_top_logprobs_and_logprobs_of() -> None:
     ids = torch.tensor([0, 3, 7, 31, 2])
     expected = torch.log_softmax(logits, dim=-1)[torch.arange(5), ids]
     assert torch.allclose(logprobs_of(logits, ids), expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- grammar masks
+def test_allowed_mask_constrains_greedy_and_sampled_rows() -> None:
+    logits = _logits(4, seed=5)
+    allowed = torch.zeros(4, V, dtype=torch.bool)
+    allowed[:, [3, 7, 11]] = True
+    allowed[3] = True  # an unconstrained row in the same batch
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=2.0, top_k=2), SamplingParams(temperature=0)]
+    sampler = Sampler(random_seed=0)
+    seen: set[int] = set()
+    for _ in range(60):
+        out = sampler(logits, _info(params), allowed=allowed)
+        ids = out.next_token_ids.tolist()
+        assert ids[0] == max([3, 7, 11], key=lambda t: logits[0, t].item())
+        assert ids[1] in (3, 7, 11) and ids[2] in (3, 7, 11)
+        assert ids[3] == logits[3].argmax().item()
+        seen.add(ids[1])
+    assert len(seen) >= 2  # still sampled, not collapsed to one token
+
+
+def test_complete_grammar_ends_with_the_mass_of_forbidden_tokens() -> None:
+    eos = 0
+    logits = torch.full((2, V), -5.0)
+    logits[:, 1] = 2.0  # a token the grammar forbids, the model's favourite
+    logits[:, 2] = 1.0  # an allowed continuation
+    logits[:, eos] = 0.0
+    allowed = torch.zeros(2, V, dtype=torch.bool)
+    allowed[:, [eos, 2]] = True
+    greedy = _info([SamplingParams(temperature=0)] * 2)
+    ends = torch.tensor([eos, -1])
+    out = Sampler()(logits, greedy, allowed=allowed, end_token_ids=ends)
+    # Row 0 may end: EOS carries exp(0) + exp(2) + ... > exp(1). Row 1 may not merge.
+    assert out.next_token_ids.tolist() == [eos, 2]
+    assert logits[0, eos].item() == 0.0  # the caller's logits are left as they were
+
+
+def test_grammar_mask_overrides_a_ban_that_would_leave_no_token() -> None:
+    logits = _logits(1, seed=9)
+    allowed = torch.zeros(1, V, dtype=torch.bool)
+    allowed[0, 4] = True  # the grammar allows only token 4 (say EOS) ...
+    out = Sampler()(logits, _info([SamplingParams(temperature=1.0)]), banned_ids=[[4]],
+                    allowed=allowed)  # ... which min_new_tokens bans
+    assert out.next_token_ids.tolist() == [4]

@@ -10,28 +10,10 @@ import time
 from typing import Any
 
 import requests
+from utils.http_client import post, stream_events
 
 PROMPT = "The capital of France is"
 GREEDY = {"max_new_tokens": 8, "temperature": 0}
-
-
-def post(url: str, body: Any, **kwargs: Any) -> requests.Response:
-    return requests.post(url + "/generate", json=body, timeout=120, **kwargs)
-
-
-def stream_events(url: str, body: dict[str, Any]) -> list[Any]:
-    """Every ``data:`` payload of a streamed /generate (``"[DONE]"`` kept as a string)."""
-    events = []
-    with requests.post(url + "/generate", json={**body, "stream": True}, stream=True,
-                       timeout=120) as r:
-        assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/event-stream")
-        for line in r.iter_lines(decode_unicode=True):
-            if line:
-                assert line.startswith("data: ")
-                payload = line[len("data: "):]
-                events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
 
 
 def test_generate_single(url: str) -> None:

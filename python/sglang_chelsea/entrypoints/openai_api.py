@@ -1,7 +1,8 @@
 """OpenAI-compatible adapters: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
 
 Each request becomes a GenerateReqInput for the TokenizerManager; its SGLang responses
-(cumulative text + meta_info) are reshaped into OpenAI objects or stream chunks.
+(cumulative text + meta_info; streamed ones carry only the new output logprobs) are reshaped
+into OpenAI objects or stream chunks.
 """
 
 from __future__ import annotations
@@ -162,12 +163,11 @@ class OpenAIServing:
         created = int(time.time())
         model = self.tm.served_model_name
 
-        def logprobs_of(meta: dict[str, Any], start: int, offset: int) -> Any:
+        def logprobs_of(meta: dict[str, Any], offset: int) -> Any:
             if req.logprobs is None:
                 return None
             tops = meta.get("output_top_logprobs") if req.logprobs else None
-            return completion_logprobs(meta["output_token_logprobs"][start:],
-                                       tops[start:] if tops is not None else None, offset)
+            return completion_logprobs(meta["output_token_logprobs"], tops, offset)
 
         def render(outs: list[dict[str, Any]]) -> dict[str, Any]:
             choices = []
@@ -175,7 +175,7 @@ class OpenAIServing:
                 prefix = prompts[i] if req.echo else ""
                 reason = out["meta_info"]["finish_reason"]
                 choices.append({"index": i, "text": prefix + out["text"],
-                                "logprobs": logprobs_of(out["meta_info"], 0, len(prefix)),
+                                "logprobs": logprobs_of(out["meta_info"], len(prefix)),
                                 "finish_reason": finish_reason_str(reason),
                                 "matched_stop": matched_stop(reason)})
             return {"id": cid, "object": "text_completion", "created": created, "model": model,
@@ -183,7 +183,6 @@ class OpenAIServing:
 
         async def stream(gen: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
             metas: dict[int, dict[str, Any]] = {}
-            sent_lp: dict[int, int] = {}
             text_len: dict[int, int] = {}
             try:
                 async for index, delta, out in self._events(gen):
@@ -192,9 +191,7 @@ class OpenAIServing:
                         delta = prompts[index] + delta
                     metas[index] = meta
                     reason = meta["finish_reason"]
-                    start = sent_lp.get(index, 0)
-                    logprobs = logprobs_of(meta, start, text_len.get(index, 0))
-                    sent_lp[index] = len(meta.get("output_token_logprobs") or [])
+                    logprobs = logprobs_of(meta, text_len.get(index, 0))
                     text_len[index] = text_len.get(index, 0) + len(delta)
                     if not delta and reason is None and not (logprobs and logprobs["tokens"]):
                         continue
@@ -218,8 +215,6 @@ class OpenAIServing:
     def _chat_prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
         if req.tools:
             raise ValueError("tools are not supported")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise ValueError(f"response_format {req.response_format.type!r} is not supported")
         messages = []
         for m in req.messages:
             message = m.model_dump(exclude_none=True)
@@ -253,12 +248,10 @@ class OpenAIServing:
         created = int(time.time())
         model = self.tm.served_model_name
 
-        def logprobs_of(meta: dict[str, Any], start: int) -> Any:
+        def logprobs_of(meta: dict[str, Any]) -> Any:
             if not req.logprobs:
                 return None
-            tops = meta.get("output_top_logprobs")
-            return chat_logprobs(meta["output_token_logprobs"][start:],
-                                 tops[start:] if tops is not None else None)
+            return chat_logprobs(meta["output_token_logprobs"], meta.get("output_top_logprobs"))
 
         def render(outs: list[dict[str, Any]]) -> dict[str, Any]:
             out = outs[0]
@@ -268,7 +261,7 @@ class OpenAIServing:
                         "index": 0,
                         "message": {"role": "assistant", "content": out["text"],
                                     "reasoning_content": None, "tool_calls": None},
-                        "logprobs": logprobs_of(out["meta_info"], 0),
+                        "logprobs": logprobs_of(out["meta_info"]),
                         "finish_reason": finish_reason_str(reason),
                         "matched_stop": matched_stop(reason)}],
                     "usage": usage_of([out["meta_info"]])}
@@ -282,14 +275,12 @@ class OpenAIServing:
 
         async def stream(gen: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
             meta: dict[str, Any] | None = None
-            sent_lp = 0
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 async for _, delta, out in self._events(gen):
                     meta = out["meta_info"]
                     reason = meta["finish_reason"]
-                    logprobs = logprobs_of(meta, sent_lp)
-                    sent_lp = len(meta.get("output_token_logprobs") or [])
+                    logprobs = logprobs_of(meta)
                     if delta or reason is not None or (logprobs and logprobs["content"]):
                         yield chunk({"content": delta} if delta else {}, logprobs, reason)
                 if req.include_usage and meta is not None:

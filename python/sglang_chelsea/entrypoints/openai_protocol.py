@@ -1,11 +1,13 @@
 """Request bodies of the OpenAI-compatible endpoints (pydantic; unknown fields are ignored).
 
-Besides OpenAI's fields they take SGLang's extra sampling fields (``top_k``, ``min_p``,
-``min_tokens``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, ...).
+Besides OpenAI's fields (``response_format`` included) they take SGLang's extra sampling
+fields (``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``, ``stop_token_ids``,
+``ignore_eos``, ``regex``, ``json_schema``, ``ebnf``, ...).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,6 +18,39 @@ class StreamOptions(BaseModel):
 
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: ``{"name", "schema", "strict", "description"}``."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` or ``json_schema``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+    def to_json_schema(self) -> str | None:
+        """The JSON schema the output must follow (None for free text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.schema_ is None:
+                raise ValueError("response_format of type json_schema needs json_schema.schema")
+            return json.dumps(self.json_schema.schema_)
+        raise ValueError(f"response_format type {self.type!r} is not supported "
+                         "(text, json_object or json_schema)")
 
 
 class SamplingFields(BaseModel):
@@ -44,7 +79,9 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
     regex: str | None = None
-    json_schema: str | None = None
+    json_schema: str | dict[str, Any] | None = None
+    ebnf: str | None = None
+    response_format: ResponseFormat | None = None
     rid: str | None = None
 
     def sampling_params(self, max_new_tokens: int | None) -> dict[str, Any]:
@@ -68,7 +105,13 @@ class SamplingFields(BaseModel):
             "seed": self.seed,
             "regex": self.regex,
             "json_schema": self.json_schema,
+            "ebnf": self.ebnf,
         }
+        schema = self.response_format.to_json_schema() if self.response_format else None
+        if schema is not None:
+            if self.json_schema is not None:
+                raise ValueError("give either response_format or json_schema, not both")
+            params["json_schema"] = schema
         return {k: v for k, v in params.items() if v is not None}
 
     @property
@@ -115,12 +158,6 @@ class ChatMessage(BaseModel):
         return "".join(texts)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: str
-
-
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
@@ -129,7 +166,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from sglang_chelsea.constrained import validate_grammar
 from sglang_chelsea.managers.io_struct import TokenizedGenerateReqInput
 from sglang_chelsea.sampling.sampling_params import SamplingParams
 
@@ -210,6 +211,7 @@ def validate_tokenized_request(tokenized: TokenizedGenerateReqInput, vocab_size:
         raise ValueError(f"the prompt has {len(ids)} tokens, more than the maximum "
                          f"{max_req_input_len} (context length {context_len})")
     tokenized.sampling_params.verify(vocab_size)
+    validate_grammar(tokenized.sampling_params)
     if tokenized.logprob_start_len >= len(ids):
         raise ValueError(f"logprob_start_len ({tokenized.logprob_start_len}) must be less "
                          f"than the prompt length ({len(ids)})")

@@ -35,6 +35,7 @@ class ReqState:
         self.input_top_logprobs: list[Any] = []
         self.output_token_logprobs: list[TokenLogprob] = []
         self.output_top_logprobs: list[Any] = []
+        self.streamed_output_logprobs = 0  # output logprobs sent by incremental responses
 
     @property
     def finished(self) -> bool:
@@ -58,21 +59,32 @@ class ReqState:
     def text(self, tokenizer: Any) -> str:
         return decode_output(tokenizer, self.output_ids, self.finished_reason, self.sampling_params)
 
-    def to_response(self, tokenizer: Any, text: Optional[str] = None) -> dict[str, Any]:
-        """SGLang's ``{"text", "output_ids", "meta_info"}`` for the outputs so far."""
+    def to_response(self, tokenizer: Any, text: Optional[str] = None,
+                    incremental: bool = False) -> dict[str, Any]:
+        """SGLang's ``{"text", "output_ids", "meta_info"}`` for the outputs so far.
+
+        ``incremental`` (streaming, as SGLang streams): ``output_token_logprobs`` and
+        ``output_top_logprobs`` hold only the tokens new since the previous incremental
+        response; ``output_token_logprobs_length`` counts them all.
+        """
         logprobs = None
         if self.return_logprob:
             rt = self.return_text_in_logprobs
+            start = self.streamed_output_logprobs if incremental else 0
+            if incremental:
+                self.streamed_output_logprobs = len(self.output_token_logprobs)
             logprobs = {
-                "input_token_logprobs": format_token_logprobs(self.input_token_logprobs, tokenizer, rt),
-                "output_token_logprobs": format_token_logprobs(self.output_token_logprobs,
+                "input_token_logprobs": format_token_logprobs(self.input_token_logprobs,
+                                                              tokenizer, rt),
+                "output_token_logprobs": format_token_logprobs(self.output_token_logprobs[start:],
                                                                tokenizer, rt),
+                "output_token_logprobs_length": len(self.output_token_logprobs),
             }
             if self.top_logprobs_num:
                 logprobs["input_top_logprobs"] = format_top_logprobs(self.input_top_logprobs,
                                                                      tokenizer, rt)
-                logprobs["output_top_logprobs"] = format_top_logprobs(self.output_top_logprobs,
-                                                                      tokenizer, rt)
+                logprobs["output_top_logprobs"] = format_top_logprobs(
+                    self.output_top_logprobs[start:], tokenizer, rt)
         meta = build_meta_info(self.rid, self.finished_reason, self.prompt_tokens,
                                self.completion_tokens, self.cached_tokens,
                                time.perf_counter() - self.created_time, logprobs)

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 
+from sglang_chelsea.constrained.matcher import GrammarMatcher
 from sglang_chelsea.managers.io_struct import TokenizedGenerateReqInput, TokenLogprob
 from sglang_chelsea.sampling.sampling_params import SamplingParams
 
@@ -33,6 +34,8 @@ class Req:
         self.finished_reason: Optional[dict[str, Any]] = None
         self.to_abort: Optional[str] = None
         self.generator: Optional[torch.Generator] = None
+        # regex / json_schema / ebnf: advanced by each sampled token, never by a re-prefill
+        self.grammar: Optional[GrammarMatcher] = None
         # KV state
         self.req_pool_idx: Optional[int] = None
         self.logical_len = 0
@@ -107,6 +110,11 @@ class Req:
                     if stop in tail:
                         self.finished_reason = {"type": "stop", "matched": stop}
                         return
+        if self.grammar is not None and self.grammar.is_terminated():
+            # The grammar is complete and admits no further token (SGLang would force an EOS
+            # next; finishing now saves that step and leaves the text the same).
+            self.finished_reason = {"type": "stop", "matched": None}
+            return
         if self.seq_len() >= context_len:
             self.finished_reason = {"type": "length", "length": n_out}
 

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 
+from sglang_chelsea.constrained import GrammarBackend
 from sglang_chelsea.managers.generate_request import validate_tokenized_request
 from sglang_chelsea.managers.io_struct import ReqOutput, TokenizedGenerateReqInput
 from sglang_chelsea.managers.schedule_batch import Req
@@ -48,6 +49,8 @@ class Scheduler:
         self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache)
         self.sampler = Sampler()
         self.eos_token_ids = list(self.model_config.eos_token_ids)
+        self.grammar_backend = GrammarBackend(self.tokenizer, self.model_config.vocab_size,
+                                              self.eos_token_ids)
         self.max_running_requests = min(server_args.max_running_requests,
                                         self.req_to_token_pool.size)
         chunk = server_args.chunked_prefill_size
@@ -72,7 +75,9 @@ class Scheduler:
     def add_request(self, tokenized: TokenizedGenerateReqInput) -> None:
         """Validate and queue a request (raises ValueError on bad input)."""
         self.validate(tokenized)
+        grammar = self.grammar_backend.create_matcher(tokenized.sampling_params)
         req = Req(tokenized, self.eos_token_ids)
+        req.grammar = grammar
         if tokenized.sampling_params.seed is not None:
             req.generator = make_generator(tokenized.sampling_params.seed)
         self.waiting_queue.append(req)

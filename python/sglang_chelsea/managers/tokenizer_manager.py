@@ -164,6 +164,7 @@ class TokenizerManager:
         """Send prepared prompts; yield SGLang response dicts.
 
         Single prompt: each streamed update (when streaming), then the final response.
+        Streamed updates carry only the new output logprobs (see ReqState.to_response).
         Batch, streaming: every update with an ``index`` field. Batch, not streaming: one list.
         A request not finished when the consumer stops (client gone) is aborted.
         """
@@ -227,7 +228,8 @@ class TokenizerManager:
                     pending.discard(i)
                 elif not entry.stream:
                     continue
-                yield i, entry.state.to_response(self.tokenizer, text=entry.text)
+                yield i, entry.state.to_response(self.tokenizer, text=entry.text,
+                                                 incremental=entry.stream)
 
     def _abort(self, rid: str, message: str) -> None:
         """Queue an AbortReq (never blocks: callable from a cancelled generator's cleanup)."""

@@ -130,12 +130,18 @@ class Sampler:
         banned_ids: Optional[Sequence[Sequence[int]]] = None,
         return_logprob: bool = True,
         top_logprobs_nums: Optional[Sequence[int]] = None,
+        allowed: Optional[Tensor] = None,
+        end_token_ids: Optional[Tensor] = None,
     ) -> SampleOutput:
         """Sample one token per row of ``logits [B, V]`` (left unmodified).
 
         ``output_ids[i]``: the tokens request i generated so far (for penalties; None: none).
         ``banned_ids[i]``: ids row i may not produce now (see ``min_new_tokens_banned_ids``).
         ``top_logprobs_nums[i]``: how many top logprobs to return for row i.
+        ``allowed``: bool ``[B, V]``, the tokens each row's grammar permits (None: all), applied
+        before greedy and sampled choices alike; it overrides ``banned_ids`` where the two
+        together would leave a row no token. ``end_token_ids [B]``: see
+        :func:`apply_allowed_mask` (-1 on rows without one).
         """
         if logits.dim() != 2 or logits.shape[0] != info.batch_size:
             raise ValueError(f"logits must be [{info.batch_size}, V], got {tuple(logits.shape)}")
@@ -149,6 +155,8 @@ class Sampler:
         if banned_ids is not None:
             rows = [i for i, ids in enumerate(banned_ids) if ids]
             apply_min_new_tokens_mask(x, rows, [banned_ids[i] for i in rows])
+        if allowed is not None:
+            x = apply_allowed_mask(x, logits, allowed, end_token_ids)
 
         if info.is_all_greedy:
             next_ids = x.argmax(dim=-1)
@@ -176,6 +184,32 @@ class Sampler:
             if generator is not None:
                 u[i] = torch.rand(1, generator=generator, dtype=torch.float64)[0]
         return u
+
+
+def apply_allowed_mask(x: Tensor, logits: Tensor, allowed: Tensor,
+                       end_token_ids: Optional[Tensor] = None) -> Tensor:
+    """``x [B, V]`` with the tokens outside ``allowed [B, V]`` set to ``-inf``.
+
+    ``end_token_ids[i] >= 0``: row i's grammar is complete and may end with that token; it
+    takes the probability of every token the grammar forbids (their logits are summed into
+    its logit). A model that wants to write something the grammar does not describe (" hours"
+    after the number "24") then ends the constrained output instead of being pushed to extend
+    it ("240"). A row left with no finite logit (its grammar allows only banned tokens) is
+    rebuilt from ``logits``.
+    """
+    if end_token_ids is not None:
+        rows = (end_token_ids >= 0).nonzero().flatten()
+        if rows.numel():
+            ends = end_token_ids[rows]
+            leaving = ~allowed[rows]
+            leaving[torch.arange(rows.numel()), ends] = True
+            merged = torch.logsumexp(x[rows].masked_fill(~leaving, float("-inf")), dim=1)
+            x[rows, ends] = merged
+    masked = x.masked_fill(~allowed, float("-inf"))
+    empty = torch.isneginf(masked).all(dim=1)
+    if bool(empty.any()):
+        masked[empty] = logits[empty].float().masked_fill(~allowed[empty], float("-inf"))
+    return masked
 
 
 def compute_top_logprobs(logprobs: Tensor, k: Union[int, Sequence[int]]) -> TopLogprobs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional, Union
@@ -57,6 +58,15 @@ def _as_opt_dict(name: str, value: Any) -> Optional[dict]:
     raise ValueError(f"{name} must be an object, got {value!r}")
 
 
+def _as_json_text(name: str, value: Any) -> Optional[str]:
+    """A JSON document as text: a string is kept, an object (or bool schema) is serialized."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (dict, bool)):
+        return json.dumps(value)
+    raise ValueError(f"{name} must be a JSON string or object, got {value!r}")
+
+
 def _as_stop(name: str, value: Any) -> Optional[Union[str, list[str]]]:
     """``None``, a string, or a list of strings."""
     if value is None or isinstance(value, str):
@@ -94,7 +104,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "n": _as_int,
     "seed": _as_opt_int,
     "regex": _as_opt_str,
-    "json_schema": _as_opt_str,
+    "json_schema": _as_json_text,
     "ebnf": _as_opt_str,
     "custom_params": _as_opt_dict,
 }
