@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-KV_COMPRESSION_CHOICES = ("none", "chelsea", "streaming")
+KV_COMPRESSION_CHOICES = ("none", "chelsea", "clusterkv", "streaming")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKEND_CHOICES = ("auto", "torch", "triton", "flashinfer")
 LOAD_FORMAT_CHOICES = ("auto", "dummy")
@@ -77,6 +77,12 @@ class ServerArgs:
     chelsea_recent_chunks: int = 1
     chelsea_kernel: str = "torch"
     streaming_window: int = 1024
+    clusterkv_budget: int = 2048
+    clusterkv_window: int = 512
+    clusterkv_tokens_per_cluster: int = 32
+    clusterkv_sink_tokens: int = 16
+    clusterkv_full_layers: int = 2
+    clusterkv_kmeans_iters: int = 10
 
     def __post_init__(self) -> None:
         self.check()
@@ -130,6 +136,8 @@ class ServerArgs:
             raise ValueError(f"chelsea_kernel must be torch or triton, got {self.chelsea_kernel!r}")
         if self.streaming_window < 1:
             raise ValueError("streaming_window must be >= 1")
+        if self.kv_compression == "clusterkv":
+            self._check_clusterkv()
         if self.tp_size != 1 or self.dp_size != 1:
             raise ValueError("tp_size and dp_size > 1 are not supported yet")
         if self.attention_backend not in ATTENTION_BACKEND_CHOICES:
@@ -141,6 +149,18 @@ class ServerArgs:
             raise ValueError("attention_backend 'flashinfer' is not built in this release "
                              "(see docs/gpu.md); use triton on a GPU or torch")
 
+    def _check_clusterkv(self) -> None:
+        page = self.effective_page_size
+        if self.clusterkv_window < page or self.clusterkv_window % page:
+            raise ValueError(f"clusterkv_window must be a multiple of the page size ({page}), "
+                             f"got {self.clusterkv_window}")
+        if not 0 <= self.clusterkv_sink_tokens < self.clusterkv_window:
+            raise ValueError("clusterkv_sink_tokens must be in [0, clusterkv_window)")
+        if min(self.clusterkv_budget, self.clusterkv_tokens_per_cluster,
+               self.clusterkv_kmeans_iters) < 1 or self.clusterkv_full_layers < 0:
+            raise ValueError("clusterkv_budget, clusterkv_tokens_per_cluster and "
+                             "clusterkv_kmeans_iters must be >= 1, clusterkv_full_layers >= 0")
+
     def _resolve_auto(self) -> None:
         """Pick the device (cuda when a GPU is present), its dtype and attention backend."""
         if self.device == "auto":
@@ -151,6 +171,9 @@ class ServerArgs:
                 and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("attention_backend 'triton' needs --device cuda "
                              "(or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)")
+        if self.kv_compression == "clusterkv" and self.attention_backend != "torch":
+            raise ValueError("clusterkv selects slots per query head, which only the torch "
+                             "attention backend implements so far; use --attention-backend torch")
 
     @property
     def effective_page_size(self) -> int:
@@ -249,6 +272,20 @@ class ServerArgs:
                        choices=["torch", "triton"],
                        help="Chunked Soft Matching implementation: the batched torch ops "
                             "(CPU or GPU) or the Triton kernel (GPU)")
+        g.add_argument("--clusterkv-budget", type=int, default=d.clusterkv_budget,
+                       help="clusterkv: clustered tokens each query head attends to per step")
+        g.add_argument("--clusterkv-window", type=int, default=d.clusterkv_window,
+                       help="clusterkv: tokens clustered together (whole pages); the "
+                            "unclustered tail is always attended")
+        g.add_argument("--clusterkv-tokens-per-cluster", type=int,
+                       default=d.clusterkv_tokens_per_cluster,
+                       help="clusterkv: about one k-means cluster per this many tokens")
+        g.add_argument("--clusterkv-sink-tokens", type=int, default=d.clusterkv_sink_tokens,
+                       help="clusterkv: first tokens always attended, never clustered")
+        g.add_argument("--clusterkv-full-layers", type=int, default=d.clusterkv_full_layers,
+                       help="clusterkv: first layers attending to every token")
+        g.add_argument("--clusterkv-kmeans-iters", type=int, default=d.clusterkv_kmeans_iters,
+                       help="clusterkv: k-means iterations")
         g.add_argument("--streaming-window", type=int, default=d.streaming_window,
                        help="streaming: recent tokens kept besides the sinks")
 

@@ -112,12 +112,33 @@ class TorchNativeAttnBackend(AttentionBackend):
         n_q, dim = q.shape[1], q.shape[2]
         n_kv = pool.num_kv_heads
         out = torch.empty_like(q)
+        selector = forward_batch.slot_selector
         for i, run in enumerate(forward_batch.attn_metadata):
+            slots = selector.select(layer_id, i, q[i]) if selector is not None else None
+            if slots is not None:
+                out[i] = self._attend_selected(pool, layer_id, q[i], slots, scaling)
+                continue
             keys, values, mask = self._read(pool, layer_id, run)
             query = q[i].view(1, n_kv, n_q // n_kv, dim)
             o, _ = flash_attention(query, keys, values, scaling, mask=mask)
             out[i] = o.reshape(n_q, dim)
         return out
+
+    @staticmethod
+    def _attend_selected(pool: MHATokenToKVPool, layer_id: int, q: torch.Tensor,
+                         slots: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One request's decode attention where query head ``h`` reads ``slots[h]``."""
+        n_q, dim = q.shape
+        kv_head = torch.arange(n_q, device=q.device) // (n_q // pool.num_kv_heads)
+        keys = pool.k_buffer[layer_id][kv_head[:, None], slots]  # [n_q, n, dim]
+        values = pool.v_buffer[layer_id][kv_head[:, None], slots]
+        mask = None
+        if not pool.uniform_weights:
+            w = pool.weight_buffer[layer_id][kv_head[:, None], slots]
+            mask = torch.log(w).unsqueeze(1).unsqueeze(0).to(keys.dtype)  # [1, n_q, 1, n]
+        o, _ = flash_attention(q.view(1, n_q, 1, dim), keys.unsqueeze(0), values.unsqueeze(0),
+                               scaling, mask=mask)
+        return o.view(n_q, dim)
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                        forward_batch: ForwardBatch, scaling: float) -> torch.Tensor:

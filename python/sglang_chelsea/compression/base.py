@@ -9,6 +9,7 @@ import torch
 
 if TYPE_CHECKING:
     from sglang_chelsea.managers.schedule_batch import Req
+    from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool, TokenToKVPoolAllocator
     from sglang_chelsea.managers.scheduler import Scheduler
     from sglang_chelsea.server_args import ServerArgs
 
@@ -25,6 +26,14 @@ class KVCompressor(ABC):
     #: must add the log-weight bias; False lets the backend skip it.
     writes_slot_weights = False
 
+    def bind(self, pool: "MHATokenToKVPool", allocator: "TokenToKVPoolAllocator") -> None:
+        """Called once by the model runner with the pools the policy works on."""
+
+    def make_selector(self, scheduler: "Scheduler", reqs: list["Req"]
+                      ) -> Optional["SlotSelector"]:
+        """For a decode batch: the per-head slot selection (None: attend to every slot)."""
+        return None
+
     @abstractmethod
     def compress_reqs(self, scheduler: "Scheduler", reqs: list["Req"],
                       finishing: bool = False) -> None:
@@ -37,6 +46,15 @@ class KVCompressor(ABC):
 
     def reset(self) -> None:
         """Forget counters tied to cached pages (on flush_cache)."""
+
+
+class SlotSelector(ABC):
+    """Per decode step: which slots each query head of a request attends to."""
+
+    @abstractmethod
+    def select(self, layer_id: int, i: int, q: "torch.Tensor") -> Optional["torch.Tensor"]:
+        """Slots ``[q_heads, n]`` (int64, on the pool's device) for request ``i`` of the
+        batch given its queries ``q [q_heads, head_dim]``; None: all of the request's slots."""
 
 
 def page_slots(scheduler: "Scheduler", req: "Req", page: int) -> "torch.Tensor":
@@ -77,7 +95,7 @@ def create_compressor(server_args: "ServerArgs") -> Optional[KVCompressor]:
     if name == "none":
         return None
     # Importing the policy modules registers them.
-    from sglang_chelsea.compression import chelsea, streaming  # noqa: F401
+    from sglang_chelsea.compression import chelsea, clusterkv, streaming  # noqa: F401
 
     if name not in _REGISTRY:
         raise ValueError(

@@ -42,6 +42,7 @@ class Req:
         self.physical_len = 0
         self.page_lens: list[int] = []  # physical slots of each completed page in the row
         self.compressed_pages = 0  # leading pages of page_lens already compressed
+        self.kv_policy_state: Any = None  # a KV policy's per-request data (ClusterKV index)
         # Leading pages that may enter the radix tree: all completed pages without
         # compression; only the compressed ones with it (set by the scheduler).
         self.shareable_pages = 0
@@ -126,6 +127,7 @@ class Req:
         self.physical_len = 0
         self.page_lens = []
         self.compressed_pages = 0
+        self.kv_policy_state = None
         self.shareable_pages = 0
         self.last_node = None
         self.tree_len = 0

@@ -396,6 +396,8 @@ class Scheduler:
             extend_seq_lens=[1] * len(reqs),
             req_to_token_pool=self.req_to_token_pool, token_to_kv_pool=self.token_to_kv_pool,
             attn_backend=self.model_runner.attn_backend)
+        if self.kv_compressor is not None:
+            fb.slot_selector = self.kv_compressor.make_selector(self, reqs)
         logits = self.model_runner.forward(fb)
         self.forward_ct += 1
         for req in reqs:

@@ -5,7 +5,7 @@ Every buffer is allocated once at start-up; nothing grows per step.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -40,6 +40,8 @@ class TokenToKVPoolAllocator:
 
     def __init__(self, size: int) -> None:
         self.size = size  # usable slots: 1..size
+        # Called with every freed index tensor (a policy drops what it built on them).
+        self.free_listeners: list[Callable[[torch.Tensor], None]] = []
         self.clear()
 
     def clear(self) -> None:
@@ -69,7 +71,10 @@ class TokenToKVPoolAllocator:
     def free(self, indices: torch.Tensor) -> None:
         if indices.numel() == 0:
             return
-        self._release.append(indices.to(torch.int64).clone())
+        freed = indices.to(torch.int64).clone()
+        self._release.append(freed)
+        for listener in self.free_listeners:
+            listener(freed)
 
 
 class MHATokenToKVPool:

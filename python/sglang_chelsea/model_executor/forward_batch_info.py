@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 if TYPE_CHECKING:
+    from sglang_chelsea.compression.base import SlotSelector
     from sglang_chelsea.attention.base_backend import AttentionBackend
     from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
@@ -50,6 +51,8 @@ class ForwardBatch:
     # Filled by the model: rotary cos/sin for ``positions``; filled by the backend: metadata.
     rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     attn_metadata: Any = None
+    # Decode with a selecting KV policy (ClusterKV): per-head slot lists per request.
+    slot_selector: Optional["SlotSelector"] = None
     extras: dict = field(default_factory=dict)
 
     def to(self, device: torch.device) -> None:

@@ -116,6 +116,8 @@ class ModelRunner:
         # The KV policy decides once whether attention applies slot weights (before any
         # CUDA graph is captured with or without them).
         self.kv_compressor = create_compressor(server_args)
+        if self.kv_compressor is not None:
+            self.kv_compressor.bind(self.token_to_kv_pool, self.token_to_kv_pool_allocator)
         self.token_to_kv_pool.uniform_weights = not (
             self.kv_compressor is not None and self.kv_compressor.writes_slot_weights)
         self.attn_backend = create_attn_backend(server_args.attention_backend)
