@@ -129,12 +129,16 @@ class TorchNativeAttnBackend(AttentionBackend):
                          slots: torch.Tensor, scaling: float) -> torch.Tensor:
         """One request's decode attention where query head ``h`` reads ``slots[h]``."""
         n_q, dim = q.shape
+        n = slots.shape[1]
+        width = pool.size + 1  # slots per KV head in a buffer
         kv_head = torch.arange(n_q, device=q.device) // (n_q // pool.num_kv_heads)
-        keys = pool.k_buffer[layer_id][kv_head[:, None], slots]  # [n_q, n, dim]
-        values = pool.v_buffer[layer_id][kv_head[:, None], slots]
+        # Row numbers in the [kv_heads * slots, dim] view: index_select, not 2-D indexing.
+        rows = (slots + (kv_head * width)[:, None]).view(-1)
+        keys = pool.k_buffer[layer_id].view(-1, dim).index_select(0, rows).view(n_q, n, dim)
+        values = pool.v_buffer[layer_id].view(-1, dim).index_select(0, rows).view(n_q, n, dim)
         mask = None
         if not pool.uniform_weights:
-            w = pool.weight_buffer[layer_id][kv_head[:, None], slots]
+            w = pool.weight_buffer[layer_id].view(-1).index_select(0, rows).view(n_q, n)
             mask = torch.log(w).unsqueeze(1).unsqueeze(0).to(keys.dtype)  # [1, n_q, 1, n]
         o, _ = flash_attention(q.view(1, n_q, 1, dim), keys.unsqueeze(0), values.unsqueeze(0),
                                scaling, mask=mask)
