@@ -76,6 +76,8 @@ class ServerArgs:
     chelsea_size_bias: bool = True
     chelsea_recent_chunks: int = 1
     chelsea_kernel: str = "torch"
+    chelsea_recall_budget: int = 0
+    hicache_ratio: float = 4.0
     streaming_window: int = 1024
     clusterkv_budget: int = 2048
     clusterkv_window: int = 512
@@ -132,6 +134,8 @@ class ServerArgs:
         if min(self.chelsea_sink_tokens, self.chelsea_full_layers, self.chelsea_recent_chunks) < 0:
             raise ValueError(
                 "chelsea_sink_tokens, chelsea_full_layers and chelsea_recent_chunks must be >= 0")
+        if self.chelsea_recall_budget < 0 or self.hicache_ratio <= 0:
+            raise ValueError("chelsea_recall_budget must be >= 0 and hicache_ratio > 0")
         if self.chelsea_kernel not in ("torch", "triton"):
             raise ValueError(f"chelsea_kernel must be torch or triton, got {self.chelsea_kernel!r}")
         if self.streaming_window < 1:
@@ -171,9 +175,12 @@ class ServerArgs:
                 and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("attention_backend 'triton' needs --device cuda "
                              "(or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)")
-        if self.kv_compression == "clusterkv" and self.attention_backend != "torch":
-            raise ValueError("clusterkv selects slots per query head, which only the torch "
-                             "attention backend implements so far; use --attention-backend torch")
+        selecting = self.kv_compression == "clusterkv" or (
+            self.kv_compression == "chelsea" and self.chelsea_recall_budget > 0)
+        if selecting and self.attention_backend != "torch":
+            raise ValueError("clusterkv and chelsea recall select slots per query head, which "
+                             "only the torch attention backend implements so far; use "
+                             "--attention-backend torch")
 
     @property
     def effective_page_size(self) -> int:
@@ -272,6 +279,12 @@ class ServerArgs:
                        choices=["torch", "triton"],
                        help="Chunked Soft Matching implementation: the batched torch ops "
                             "(CPU or GPU) or the Triton kernel (GPU)")
+        g.add_argument("--chelsea-recall-budget", type=int, default=d.chelsea_recall_budget,
+                       help="chelsea: raw tokens per query head recalled from the host tier "
+                            "in place of the best-scoring centroids at each decode step "
+                            "(0: off)")
+        g.add_argument("--hicache-ratio", type=float, default=d.hicache_ratio,
+                       help="Host KV tier size as a multiple of the device pool (chelsea recall)")
         g.add_argument("--clusterkv-budget", type=int, default=d.clusterkv_budget,
                        help="clusterkv: clustered tokens each query head attends to per step")
         g.add_argument("--clusterkv-window", type=int, default=d.clusterkv_window,

@@ -11,6 +11,7 @@ import torch
 
 from sglang_chelsea import Engine
 from sglang_chelsea.attention.torch_backend import TorchNativeAttnBackend, masked_attention
+from sglang_chelsea.compression.base import Selection
 from sglang_chelsea.kernels.cluster_select import select_cluster_tokens
 from sglang_chelsea.kernels.kmeans import cosine_kmeans
 from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool
@@ -60,7 +61,7 @@ def test_selected_path_with_every_slot_equals_full_attention() -> None:
     slots = torch.arange(1, 31)
     # Each query head lists the same 30 slots in its own order.
     per_head = torch.stack([slots[torch.randperm(30)] for _ in range(4)])
-    got = TorchNativeAttnBackend._attend_selected(pool, 0, q, per_head, 0.3)
+    got = TorchNativeAttnBackend()._attend_selected(pool, 0, q, Selection(per_head), 0.3)
     keys = pool.k_buffer[0][:, slots].repeat_interleave(2, 0)
     values = pool.v_buffer[0][:, slots].repeat_interleave(2, 0)
     want = masked_attention(q[:, None], keys, values, None, 0.3)[:, 0]

@@ -13,13 +13,17 @@ whose results are merged by their log-sum-exp, as SGLang's paged + ragged split 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from sglang_chelsea.attention.base_backend import AttentionBackend
+from sglang_chelsea.compression.base import Selection
 from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool
 from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch
+
+if TYPE_CHECKING:
+    from sglang_chelsea.mem_cache.host_pool import HostKVPool
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -75,7 +79,13 @@ def slot_run(row: torch.Tensor, length: int) -> SlotRun:
 
 
 class TorchNativeAttnBackend(AttentionBackend):
-    """Exact attention on the CPU with GQA and per-slot log-weight bias."""
+    """Exact attention on the CPU with GQA and per-slot log-weight bias.
+
+    ``host_pool``: the host tier a recall policy's selections read from (set by the model
+    runner when there is one)."""
+
+    def __init__(self) -> None:
+        self.host_pool: Optional["HostKVPool"] = None
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         """Resolve each request's cached slots once per forward pass (shared by all layers)."""
@@ -114,9 +124,9 @@ class TorchNativeAttnBackend(AttentionBackend):
         out = torch.empty_like(q)
         selector = forward_batch.slot_selector
         for i, run in enumerate(forward_batch.attn_metadata):
-            slots = selector.select(layer_id, i, q[i]) if selector is not None else None
-            if slots is not None:
-                out[i] = self._attend_selected(pool, layer_id, q[i], slots, scaling)
+            sel = selector.select(layer_id, i, q[i]) if selector is not None else None
+            if sel is not None:
+                out[i] = self._attend_selected(pool, layer_id, q[i], sel, scaling)
                 continue
             keys, values, mask = self._read(pool, layer_id, run)
             query = q[i].view(1, n_kv, n_q // n_kv, dim)
@@ -124,22 +134,32 @@ class TorchNativeAttnBackend(AttentionBackend):
             out[i] = o.reshape(n_q, dim)
         return out
 
-    @staticmethod
-    def _attend_selected(pool: MHATokenToKVPool, layer_id: int, q: torch.Tensor,
-                         slots: torch.Tensor, scaling: float) -> torch.Tensor:
-        """One request's decode attention where query head ``h`` reads ``slots[h]``."""
+    def _attend_selected(self, pool: MHATokenToKVPool, layer_id: int, q: torch.Tensor,
+                         sel: "Selection", scaling: float) -> torch.Tensor:
+        """One request's decode attention over a :class:`Selection`: per query head, its
+        device slots (with the pool's or the selection's log-weights) and recalled host
+        slots."""
         n_q, dim = q.shape
-        n = slots.shape[1]
-        width = pool.size + 1  # slots per KV head in a buffer
         kv_head = torch.arange(n_q, device=q.device) // (n_q // pool.num_kv_heads)
+        slots = sel.slots if sel.slots.dim() == 2 else sel.slots.expand(n_q, -1)
+        n = slots.shape[1]
         # Row numbers in the [kv_heads * slots, dim] view: index_select, not 2-D indexing.
-        rows = (slots + (kv_head * width)[:, None]).view(-1)
+        rows = (slots + (kv_head * (pool.size + 1))[:, None]).view(-1)
         keys = pool.k_buffer[layer_id].view(-1, dim).index_select(0, rows).view(n_q, n, dim)
         values = pool.v_buffer[layer_id].view(-1, dim).index_select(0, rows).view(n_q, n, dim)
-        mask = None
-        if not pool.uniform_weights:
-            w = pool.weight_buffer[layer_id].view(-1).index_select(0, rows).view(n_q, n)
-            mask = torch.log(w).unsqueeze(1).unsqueeze(0).to(keys.dtype)  # [1, n_q, 1, n]
+        bias = sel.log_weight
+        if bias is None and not pool.uniform_weights:
+            bias = torch.log(pool.weight_buffer[layer_id].view(-1).index_select(0, rows)
+                             ).view(n_q, n)
+        if sel.host_slots is not None:
+            assert self.host_pool is not None, "a host-tier selection needs a host pool"
+            hk, hv = self.host_pool.gather(layer_id, kv_head.cpu(), sel.host_slots.cpu())
+            keys = torch.cat([keys, hk.to(keys)], dim=1)
+            values = torch.cat([values, hv.to(values)], dim=1)
+            if bias is None:
+                bias = torch.zeros(n_q, n, device=q.device)
+            bias = torch.cat([bias, sel.host_log_weight.to(bias)], dim=1)
+        mask = None if bias is None else bias.unsqueeze(1).unsqueeze(0).to(keys.dtype)
         o, _ = flash_attention(q.view(1, n_q, 1, dim), keys.unsqueeze(0), values.unsqueeze(0),
                                scaling, mask=mask)
         return o.view(n_q, dim)

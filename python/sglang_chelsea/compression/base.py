@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 if TYPE_CHECKING:
     from sglang_chelsea.managers.schedule_batch import Req
+    from sglang_chelsea.mem_cache.host_pool import HostKVPool
     from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool, TokenToKVPoolAllocator
     from sglang_chelsea.managers.scheduler import Scheduler
     from sglang_chelsea.server_args import ServerArgs
@@ -26,7 +28,8 @@ class KVCompressor(ABC):
     #: must add the log-weight bias; False lets the backend skip it.
     writes_slot_weights = False
 
-    def bind(self, pool: "MHATokenToKVPool", allocator: "TokenToKVPoolAllocator") -> None:
+    def bind(self, pool: "MHATokenToKVPool", allocator: "TokenToKVPoolAllocator",
+             host_pool: Optional["HostKVPool"] = None) -> None:
         """Called once by the model runner with the pools the policy works on."""
 
     def make_selector(self, scheduler: "Scheduler", reqs: list["Req"]
@@ -48,13 +51,30 @@ class KVCompressor(ABC):
         """Forget counters tied to cached pages (on flush_cache)."""
 
 
+@dataclass
+class Selection:
+    """What each query head of one request attends to in one layer at one decode step.
+
+    ``slots``: device-pool slots, ``[q_heads, n]`` or ``[n]`` (the same for every head).
+    ``log_weight``: ``[q_heads, n]`` logit bias replacing the pool's ``log(weight)`` of
+    those slots (``-inf`` drops a slot for that head); None: the pool's.
+    ``host_slots`` / ``host_log_weight``: ``[q_heads, m]`` raw slots recalled from the host
+    tier and their bias (0 live, ``-inf`` padding).
+    """
+
+    slots: "torch.Tensor"
+    log_weight: Optional["torch.Tensor"] = None
+    host_slots: Optional["torch.Tensor"] = None
+    host_log_weight: Optional["torch.Tensor"] = None
+
+
 class SlotSelector(ABC):
     """Per decode step: which slots each query head of a request attends to."""
 
     @abstractmethod
-    def select(self, layer_id: int, i: int, q: "torch.Tensor") -> Optional["torch.Tensor"]:
-        """Slots ``[q_heads, n]`` (int64, on the pool's device) for request ``i`` of the
-        batch given its queries ``q [q_heads, head_dim]``; None: all of the request's slots."""
+    def select(self, layer_id: int, i: int, q: "torch.Tensor") -> Optional[Selection]:
+        """The selection of request ``i`` of the batch given its queries
+        ``q [q_heads, head_dim]``; None: all of the request's slots, as without a policy."""
 
 
 def page_slots(scheduler: "Scheduler", req: "Req", page: int) -> "torch.Tensor":

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from sglang_chelsea.compression.base import (KVCompressor, page_slots, register_compressor,
-    shrink_page)
+from sglang_chelsea.compression.base import (KVCompressor, SlotSelector, page_slots,
+    register_compressor, shrink_page)
+from sglang_chelsea.compression.chelsea_recall import RecallSelector, RecallStore
 from sglang_chelsea.kernels.chunked_soft_matching import MergeResult, chunked_soft_matching
 
 if TYPE_CHECKING:
-    from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang_chelsea.mem_cache.host_pool import HostKVPool
+    from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool, TokenToKVPoolAllocator
     from sglang_chelsea.managers.schedule_batch import Req
     from sglang_chelsea.managers.scheduler import Scheduler
     from sglang_chelsea.server_args import ServerArgs
@@ -42,10 +44,26 @@ class ChelseaCompressor(KVCompressor):
         self.size_bias = server_args.chelsea_size_bias
         self.recent_chunks = server_args.chelsea_recent_chunks
         self.kernel = server_args.chelsea_kernel
+        self.recall_budget = server_args.chelsea_recall_budget
+        self.recall: Optional[RecallStore] = None
         self.clustered_chunks = 0
         self.clustered_tokens = 0
         self.kept_slots = 0
         self.cluster_time = 0.0
+
+    def bind(self, pool: "MHATokenToKVPool", allocator: "TokenToKVPoolAllocator",
+             host_pool: Optional["HostKVPool"] = None) -> None:
+        if self.recall_budget > 0:
+            if host_pool is None:
+                raise ValueError("chelsea recall needs a host KV pool")
+            self.recall = RecallStore(pool, host_pool, self.full_layers)
+            allocator.free_listeners.append(self.recall.on_free)
+
+    def make_selector(self, scheduler: "Scheduler", reqs: list["Req"]
+                      ) -> Optional[SlotSelector]:
+        if self.recall is None:
+            return None
+        return RecallSelector(self.recall, self.recall_budget, self.full_layers, scheduler, reqs)
 
     def compress_reqs(self, scheduler: "Scheduler", reqs: list["Req"],
                       finishing: bool = False) -> None:
@@ -101,6 +119,8 @@ class ChelseaCompressor(KVCompressor):
         kept = result.num_kept.view(n_layers, n_chunks, h).amax(dim=(0, 2)).cpu()  # [N]
         if self.full_layers:
             kept = torch.full_like(kept, c)
+        if self.recall is not None:  # raw chunks to the host tier before centroids overwrite them
+            self.recall.add(slots, kept, result.assignment.view(n_layers, n_chunks, h, c))
         self._write_centroids(pool, layers, slots, kept, result)
         for i, (req, page) in enumerate(jobs):
             m = int(kept[i])
@@ -143,14 +163,22 @@ class ChelseaCompressor(KVCompressor):
             pool.weight_buffer[layer][:, kept_slots] = 1.0
 
     def stats(self) -> dict[str, Any]:
-        return {
+        out = {
             "clustered_chunks": self.clustered_chunks,
             "clustered_tokens": self.clustered_tokens,
             "centroid_slots": self.kept_slots,
             "clustering_seconds": round(self.cluster_time, 4),
         }
+        if self.recall is not None:
+            out.update({"host_slots": self.recall.host.used_slots(),
+                        "host_total_slots": self.recall.host.size,
+                        "unrecallable_chunks": self.recall.unrecallable_chunks,
+                        "recall_budget": self.recall_budget})
+        return out
 
     def reset(self) -> None:
+        if self.recall is not None:
+            self.recall.clear()
         self.clustered_chunks = self.clustered_tokens = self.kept_slots = 0
         self.cluster_time = 0.0
 

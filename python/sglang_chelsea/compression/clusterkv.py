@@ -22,13 +22,15 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from sglang_chelsea.compression.base import KVCompressor, SlotSelector, register_compressor
+from sglang_chelsea.compression.base import (KVCompressor, Selection, SlotSelector,
+                                             register_compressor)
 from sglang_chelsea.kernels.cluster_select import select_cluster_tokens
 from sglang_chelsea.kernels.kmeans import cosine_kmeans
 
 if TYPE_CHECKING:
     from sglang_chelsea.managers.schedule_batch import Req
     from sglang_chelsea.managers.scheduler import Scheduler
+    from sglang_chelsea.mem_cache.host_pool import HostKVPool
     from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool, TokenToKVPoolAllocator
     from sglang_chelsea.server_args import ServerArgs
 
@@ -71,7 +73,8 @@ class ClusterKVPolicy(KVCompressor):
         self.reset()
 
     # ------------------------------------------------------------------ lifetime
-    def bind(self, pool: "MHATokenToKVPool", allocator: "TokenToKVPoolAllocator") -> None:
+    def bind(self, pool: "MHATokenToKVPool", allocator: "TokenToKVPoolAllocator",
+             host_pool: Optional["HostKVPool"] = None) -> None:
         self.pool = pool
         self.window_of_slot = torch.full((pool.size + 1,), -1, dtype=torch.int64)
         allocator.free_listeners.append(self._on_free)
@@ -194,7 +197,7 @@ class ClusterKVSelector(SlotSelector):
         self.table = scheduler.req_to_token_pool.req_to_token
         self.device = scheduler.token_to_kv_pool.k_buffer[0].device
 
-    def select(self, layer_id: int, i: int, q: torch.Tensor) -> Optional[torch.Tensor]:
+    def select(self, layer_id: int, i: int, q: torch.Tensor) -> Optional[Selection]:
         policy = self.policy
         req = self.reqs[i]
         state: Optional[ReqIndex] = req.kv_policy_state
@@ -214,7 +217,7 @@ class ClusterKVSelector(SlotSelector):
         policy.selected_tokens += pos.numel()
         policy.candidate_tokens += n * n_q
         policy.select_time += time.perf_counter() - t0
-        return slots.to(self.device)
+        return Selection(slots.to(self.device))
 
 
 @register_compressor("clusterkv")

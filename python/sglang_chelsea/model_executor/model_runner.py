@@ -13,6 +13,7 @@ from sglang_chelsea.attention.base_backend import AttentionBackend
 from sglang_chelsea.attention.torch_backend import TorchNativeAttnBackend
 from sglang_chelsea.compression.base import create_compressor
 from sglang_chelsea.configs.model_config import ModelConfig
+from sglang_chelsea.mem_cache.host_pool import HostKVPool
 from sglang_chelsea.mem_cache.memory_pool import (
     MHATokenToKVPool,
     ReqToTokenPool,
@@ -116,11 +117,20 @@ class ModelRunner:
         # The KV policy decides once whether attention applies slot weights (before any
         # CUDA graph is captured with or without them).
         self.kv_compressor = create_compressor(server_args)
+        self.host_pool: Optional[HostKVPool] = None
+        if server_args.kv_compression == "chelsea" and server_args.chelsea_recall_budget > 0:
+            cfg = self.model_config
+            self.host_pool = HostKVPool(int(self.max_total_num_tokens * server_args.hicache_ratio),
+                                        cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                        cfg.head_dim, self.dtype)
         if self.kv_compressor is not None:
-            self.kv_compressor.bind(self.token_to_kv_pool, self.token_to_kv_pool_allocator)
+            self.kv_compressor.bind(self.token_to_kv_pool, self.token_to_kv_pool_allocator,
+                                    self.host_pool)
         self.token_to_kv_pool.uniform_weights = not (
             self.kv_compressor is not None and self.kv_compressor.writes_slot_weights)
         self.attn_backend = create_attn_backend(server_args.attention_backend)
+        if self.host_pool is not None:
+            self.attn_backend.host_pool = self.host_pool
         self.cuda_graph_runner: Optional["CudaGraphRunner"] = None
         if (self.device.type == "cuda" and server_args.attention_backend == "triton"
                 and not server_args.disable_cuda_graph):

@@ -1,0 +1,78 @@
+"""Chelsea + recall: raw members of the best centroids recalled from the host tier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_chelsea import Engine
+from sglang_chelsea.utils.long_context_tasks import passkey_prompt
+
+GREEDY = {"temperature": 0, "max_new_tokens": 40, "ignore_eos": True}
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 40000, (n,), generator=g).tolist()
+
+
+def _engine(model_path: str, **kw) -> Engine:
+    args = dict(model_path=model_path, max_total_tokens=3000, log_level="warning",
+                kv_compression="chelsea", chelsea_chunk_size=32, chelsea_keep_ratio=0.25,
+                chelsea_sink_tokens=4, chelsea_min_similarity=-1.0, chunked_prefill_size=-1)
+    args.update(kw)
+    return Engine(**args)
+
+
+def test_budget_covering_everything_equals_the_full_cache(tiny_llama_dir: str) -> None:
+    """The prompt is prefilled in one step (raw), then compressed; every decode step recalls
+    every centroid's members, so attention is the full cache's."""
+    ids = _ids(200, 0)
+    full = Engine(model_path=tiny_llama_dir, max_total_tokens=3000, log_level="warning")
+    want = full.generate(input_ids=ids, sampling_params=GREEDY, return_logprob=True)
+    full.shutdown()
+    merged = _engine(tiny_llama_dir)
+    merged_only = merged.generate(input_ids=ids, sampling_params=GREEDY, return_logprob=True)
+    merged.shutdown()
+    engine = _engine(tiny_llama_dir, chelsea_recall_budget=100000)
+    got = engine.generate(input_ids=ids, sampling_params=GREEDY, return_logprob=True)
+    kv = engine.get_server_info()["kv_cache"]
+    assert kv["clustered_chunks"] == (200 + 40 - 1) // 32  # prompt and decode chunks
+    assert kv["host_slots"] == kv["clustered_tokens"]  # every merged chunk is recallable
+    assert got["output_ids"] == want["output_ids"]
+    lp = [x for x, _, _ in got["meta_info"]["output_token_logprobs"]]
+    ref = [x for x, _, _ in want["meta_info"]["output_token_logprobs"]]
+    assert lp == pytest.approx(ref, abs=1e-5)
+    # Merging alone does change the outputs' logprobs (the recall is what restores them).
+    lp_m = [x for x, _, _ in merged_only["meta_info"]["output_token_logprobs"]]
+    assert max(abs(a - b) for a, b in zip(lp_m[1:], ref[1:])) > 1e-4
+    # Host slots go back with the device slots they belong to.
+    assert engine.flush_cache()
+    assert engine.get_server_info()["kv_cache"]["host_slots"] == 0
+    engine.shutdown()
+
+
+def test_radix_hit_reuses_recall_entries(tiny_llama_dir: str) -> None:
+    # No raw recent chunk: the first request's prefix is compressed exactly as the hit sees it.
+    engine = _engine(tiny_llama_dir, chelsea_recall_budget=16, chunked_prefill_size=64,
+                     chelsea_recent_chunks=0)
+    prefix = _ids(160, 1)
+    a = engine.generate(input_ids=prefix + _ids(8, 2), sampling_params=GREEDY)
+    host_after_first = engine.get_server_info()["kv_cache"]["host_slots"]
+    b = engine.generate(input_ids=prefix + _ids(8, 2), sampling_params=GREEDY)
+    assert b["meta_info"]["cached_tokens"] >= 128
+    assert a["output_ids"] == b["output_ids"]
+    # The hit added no host copies for the shared chunks (only the new ones, if any).
+    assert engine.get_server_info()["kv_cache"]["host_slots"] <= host_after_first + 2 * 32
+    engine.shutdown()
+
+
+def test_recall_keeps_passkey_at_keep_0_2(default_model_path: str) -> None:
+    engine = Engine(model_path=default_model_path, max_total_tokens=5000, log_level="warning",
+                    kv_compression="chelsea", chelsea_keep_ratio=0.2,
+                    chelsea_recall_budget=256)
+    params = {"temperature": 0, "max_new_tokens": 8}
+    for key, depth in [(71432, 0.3), (50918, 0.7)]:
+        prompt = passkey_prompt(engine.tokenizer, key, 2000, depth)
+        assert str(key) in engine.generate(prompt, sampling_params=params)["text"]
+    engine.shutdown()
