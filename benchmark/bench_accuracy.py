@@ -5,6 +5,8 @@
         --output results/accuracy.json --plot docs/img/accuracy_vs_kv.png
 
 Policy specs: ``none``; ``chelsea:keep=R,round=F,sim=S,chunk=C,bias=0|1,sink=N,recent=W``;
+``chelsea:...,recall=N`` adds recall of N raw tokens per query head from the host tier;
+``clusterkv:keep=R,tpc=T,window=W,sink=N,full=F`` (a decode budget of R x context tokens);
 ``streaming:keep=R`` (sinks + a recent window of R x context tokens: the same memory as
 Chelsea at keep R). Prompts are prefilled one chunk per step, so a question never sees
 raw context that a policy would compress (the question is fed after compression).
@@ -51,6 +53,13 @@ class Policy:
         if self.name == "streaming":
             return {"kv_compression": "streaming", "chelsea_chunk_size": self.args.get("chunk", 128),
                     "streaming_window": max(1, int(self.keep * context_len))}
+        if self.name == "clusterkv":
+            return {"kv_compression": "clusterkv",
+                    "clusterkv_budget": max(1, int(self.keep * context_len)),
+                    "clusterkv_tokens_per_cluster": int(self.args.get("tpc", 32)),
+                    "clusterkv_window": int(self.args.get("window", 512)),
+                    "clusterkv_sink_tokens": int(self.args.get("sink", 16)),
+                    "clusterkv_full_layers": int(self.args.get("full", 2))}
         return {
             "kv_compression": "chelsea", "chelsea_keep_ratio": self.keep,
             "chelsea_chunk_size": int(self.args.get("chunk", 128)),
@@ -59,12 +68,13 @@ class Policy:
             "chelsea_size_bias": bool(int(self.args.get("bias", 1))),
             "chelsea_sink_tokens": int(self.args.get("sink", 4)),
             "chelsea_recent_chunks": int(self.args.get("recent", 1)),
+            "chelsea_recall_budget": int(self.args.get("recall", 0)),
         }
 
 
 def parse_policy(spec: str) -> Policy:
     name, _, rest = spec.partition(":")
-    if name not in ("none", "chelsea", "streaming"):
+    if name not in ("none", "chelsea", "clusterkv", "streaming"):
         raise ValueError(f"unknown policy {name!r} in {spec!r}")
     args: dict[str, Any] = {}
     for part in filter(None, rest.split(",")):
