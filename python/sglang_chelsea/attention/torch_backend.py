@@ -124,7 +124,8 @@ class TorchNativeAttnBackend(AttentionBackend):
         out = torch.empty_like(q)
         selector = forward_batch.slot_selector
         for i, run in enumerate(forward_batch.attn_metadata):
-            sel = selector.select(layer_id, i, q[i]) if selector is not None else None
+            sel = (selector.select(layer_id, i, q[i:i + 1], run.length)
+                   if selector is not None else None)
             if sel is not None:
                 out[i] = self._attend_selected(pool, layer_id, q[i], sel, scaling)
                 continue
@@ -134,17 +135,19 @@ class TorchNativeAttnBackend(AttentionBackend):
             out[i] = o.reshape(n_q, dim)
         return out
 
-    def _attend_selected(self, pool: MHATokenToKVPool, layer_id: int, q: torch.Tensor,
-                         sel: "Selection", scaling: float) -> torch.Tensor:
-        """One request's decode attention over a :class:`Selection`: per query head, its
-        device slots (with the pool's or the selection's log-weights) and recalled host
-        slots."""
-        n_q, dim = q.shape
-        kv_head = torch.arange(n_q, device=q.device) // (n_q // pool.num_kv_heads)
+    def _gather_selection(self, pool: MHATokenToKVPool, layer_id: int, n_q: int,
+                          sel: Selection) -> tuple[torch.Tensor, torch.Tensor,
+                                                   Optional[torch.Tensor]]:
+        """K, V ``[q_heads, n, dim]`` and the logit bias ``[1, q_heads, 1, n]`` (or None) of a
+        :class:`Selection`: per query head, its device slots (with the pool's or the
+        selection's log-weights) and the host slots it recalls."""
+        dim = pool.head_dim
+        device = pool.k_buffer[layer_id].device
+        kv_head = torch.arange(n_q, device=device) // (n_q // pool.num_kv_heads)
         slots = sel.slots if sel.slots.dim() == 2 else sel.slots.expand(n_q, -1)
         n = slots.shape[1]
         # Row numbers in the [kv_heads * slots, dim] view: index_select, not 2-D indexing.
-        rows = (slots + (kv_head * (pool.size + 1))[:, None]).view(-1)
+        rows = (slots + (kv_head * (pool.size + 1))[:, None]).reshape(-1)
         keys = pool.k_buffer[layer_id].view(-1, dim).index_select(0, rows).view(n_q, n, dim)
         values = pool.v_buffer[layer_id].view(-1, dim).index_select(0, rows).view(n_q, n, dim)
         bias = sel.log_weight
@@ -157,9 +160,16 @@ class TorchNativeAttnBackend(AttentionBackend):
             keys = torch.cat([keys, hk.to(keys)], dim=1)
             values = torch.cat([values, hv.to(values)], dim=1)
             if bias is None:
-                bias = torch.zeros(n_q, n, device=q.device)
+                bias = torch.zeros(n_q, n, device=device)
             bias = torch.cat([bias, sel.host_log_weight.to(bias)], dim=1)
         mask = None if bias is None else bias.unsqueeze(1).unsqueeze(0).to(keys.dtype)
+        return keys, values, mask
+
+    def _attend_selected(self, pool: MHATokenToKVPool, layer_id: int, q: torch.Tensor,
+                         sel: Selection, scaling: float) -> torch.Tensor:
+        """One request's decode attention (``q [q_heads, dim]``) over a selection."""
+        n_q, dim = q.shape
+        keys, values, mask = self._gather_selection(pool, layer_id, n_q, sel)
         o, _ = flash_attention(q.view(1, n_q, 1, dim), keys.unsqueeze(0), values.unsqueeze(0),
                                scaling, mask=mask)
         return o.view(n_q, dim)
@@ -173,6 +183,7 @@ class TorchNativeAttnBackend(AttentionBackend):
         group = n_q // n_kv
         out = torch.empty_like(q)
         start = 0
+        selector = forward_batch.slot_selector
         for i, run in enumerate(forward_batch.attn_metadata):
             ext = forward_batch.extend_seq_lens[i]
             q_req = q[start:start + ext]
@@ -182,7 +193,16 @@ class TorchNativeAttnBackend(AttentionBackend):
             o_new, lse_new = flash_attention(q_req.transpose(0, 1)[None], k_new, v_new, scaling,
                                              causal=True)
             o_new = o_new[0].transpose(0, 1)  # [ext, n_q, dim]
-            if run.length:
+            sel = (selector.select(layer_id, i, q_req, run.length)
+                   if selector is not None and run.length else None)
+            if sel is not None:
+                # A per-head selection of the cached slots (e.g. recalled raw tokens).
+                keys, values, mask = self._gather_selection(pool, layer_id, n_q, sel)
+                o_c, lse_c = flash_attention(q_req.transpose(0, 1)[None], keys[None],
+                                             values[None], scaling, mask=mask)
+                o_c = o_c[0].transpose(0, 1)  # [ext, n_q, dim]
+                lse_c = lse_c[0].transpose(0, 1)
+            elif run.length:
                 # Cached slots, no causal mask: the group's query heads become extra rows.
                 keys, values, mask = self._read(pool, layer_id, run)
                 qc = q_req.view(ext, n_kv, group, dim).transpose(0, 1).reshape(1, n_kv,
@@ -190,6 +210,7 @@ class TorchNativeAttnBackend(AttentionBackend):
                 o_c, lse_c = flash_attention(qc, keys, values, scaling, mask=mask)
                 o_c = o_c.view(n_kv, ext, group, dim).transpose(0, 1).reshape(ext, n_q, dim)
                 lse_c = lse_c.view(n_kv, ext, group).transpose(0, 1).reshape(ext, n_q)
+            if run.length:
                 lse_n = lse_new[0].transpose(0, 1)
                 lse = torch.logaddexp(lse_c, lse_n)
                 o_new = (o_c * torch.exp(lse_c - lse).unsqueeze(-1)

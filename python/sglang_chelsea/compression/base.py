@@ -69,12 +69,14 @@ class Selection:
 
 
 class SlotSelector(ABC):
-    """Per decode step: which slots each query head of a request attends to."""
+    """Per forward pass: which slots each query head of a request attends to."""
 
     @abstractmethod
-    def select(self, layer_id: int, i: int, q: "torch.Tensor") -> Optional[Selection]:
-        """The selection of request ``i`` of the batch given its queries
-        ``q [q_heads, head_dim]``; None: all of the request's slots, as without a policy."""
+    def select(self, layer_id: int, i: int, q: "torch.Tensor", n_slots: int
+               ) -> Optional[Selection]:
+        """The selection of request ``i`` of the batch among the first ``n_slots`` slots of
+        its row (decode: all, the new token's included; extend: the cached prefix), given its
+        queries ``q [T, q_heads, head_dim]`` (T = 1 at decode); None: all of those slots."""
 
 
 def page_slots(scheduler: "Scheduler", req: "Req", page: int) -> "torch.Tensor":

@@ -4,9 +4,11 @@ each decode step the members of the best-scoring centroids attended in their pla
 When Chelsea compresses a chunk with ``--chelsea-recall-budget N > 0``, the chunk's raw K/V
 (the clustered layers) is copied into the host pool first, with each token's centroid per
 layer and KV head (a :class:`RecallEntry`, keyed by the centroid slots it belongs to, so a
-radix hit on a compressed prefix finds it; dropped when those slots are freed). At decode,
+radix hit on a compressed prefix finds it; dropped when those slots are freed). At each
+decode step, and in each prefill chunk over the compressed prefix,
 per layer and query head, every centroid of the request is ranked by its biased logit
-``q . k * scale + log(size)``; centroids are taken in that order while their members fit in
+``q . k * scale + log(size)`` (in a prefill chunk, e.g. the question after a long
+document, by its best logit over the chunk's queries); centroids are taken in that order while their members fit in
 ``N`` tokens; for those, the raw members are attended (from the host tier) and the centroid
 is masked, never both. Everything else (sinks, raw recent chunks, other centroids) is
 attended as stored.
@@ -142,16 +144,17 @@ class RecallSelector(SlotSelector):
             self.indexes.append(index)
         self.recalled_tokens = 0
 
-    def select(self, layer_id: int, i: int, q: torch.Tensor) -> Optional[Selection]:
+    def select(self, layer_id: int, i: int, q: torch.Tensor, n_slots: int
+               ) -> Optional[Selection]:
         index = self.indexes[i]
         if index is None or layer_id < self.first_layer:
             return None
         pool = self.store.pool
         req = self.reqs[i]
-        n_q, dim = q.shape
+        _, n_q, dim = q.shape
         dev = q.device
         kv_head = torch.arange(n_q, device=dev) // (n_q // pool.num_kv_heads)
-        row = self.table[req.req_pool_idx][:req.physical_len + 1].to(torch.int64).to(dev)
+        row = self.table[req.req_pool_idx][:n_slots].to(torch.int64).to(dev)
         width = pool.size + 1
         flat = (row + (kv_head * width)[:, None]).view(-1)
         log_w = torch.log(pool.weight_buffer[layer_id].view(-1).index_select(0, flat)
@@ -161,8 +164,9 @@ class RecallSelector(SlotSelector):
         k_cent = pool.k_buffer[layer_id].view(-1, dim).index_select(0, cent_rows)
         k_cent = k_cent.view(n_q, -1, dim)  # [Hq, M, D]
         sizes = log_w[:, cent_pos].exp()  # [Hq, M]
-        score = (torch.einsum("hd,hmd->hm", q.float(), k_cent.float()) * dim ** -0.5
-                 + log_w[:, cent_pos])
+        # A prefill chunk ranks each centroid by its best logit over the chunk's queries.
+        logits = torch.einsum("thd,hmd->thm", q.float(), k_cent.float()).amax(dim=0)
+        score = logits * dim ** -0.5 + log_w[:, cent_pos]
         order = torch.argsort(score, dim=-1, descending=True)
         fits = torch.cumsum(sizes.gather(1, order), dim=1) <= self.budget
         chosen = torch.zeros_like(fits).scatter_(1, order, fits)  # [Hq, M]

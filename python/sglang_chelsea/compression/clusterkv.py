@@ -185,6 +185,9 @@ class ClusterKVPolicy(KVCompressor):
 
     # ------------------------------------------------------------------ selection
     def make_selector(self, scheduler: "Scheduler", reqs: list["Req"]) -> Optional[SlotSelector]:
+        if not any(isinstance(r.kv_policy_state, ReqIndex) and r.kv_policy_state.slots is not None
+                   for r in reqs):
+            return None
         return ClusterKVSelector(self, scheduler, reqs)
 
 
@@ -197,22 +200,24 @@ class ClusterKVSelector(SlotSelector):
         self.table = scheduler.req_to_token_pool.req_to_token
         self.device = scheduler.token_to_kv_pool.k_buffer[0].device
 
-    def select(self, layer_id: int, i: int, q: torch.Tensor) -> Optional[Selection]:
+    def select(self, layer_id: int, i: int, q: torch.Tensor, n_slots: int
+               ) -> Optional[Selection]:
         policy = self.policy
         req = self.reqs[i]
         state: Optional[ReqIndex] = req.kv_policy_state
-        if layer_id < policy.full_layers or state is None or state.slots is None:
-            return None
+        if (q.shape[0] != 1 or layer_id < policy.full_layers or state is None
+                or state.slots is None):
+            return None  # prefill attends to everything; so do the first layers
         n = state.slots.numel()
         if policy.budget >= n:
             return None  # everything fits the budget: plain full attention
         t0 = time.perf_counter()
         layer = layer_id - policy.full_layers
+        q = q[0]
         pos = select_cluster_tokens(q, state.centroids[layer], state.labels[layer], policy.budget)
         row = self.table[req.req_pool_idx]
-        seq_len = req.physical_len + 1  # the new token's slot is written this step
         n_q = q.shape[0]
-        fixed = torch.cat([row[:policy.sink_tokens], row[state.end:seq_len]]).to(torch.int64)
+        fixed = torch.cat([row[:policy.sink_tokens], row[state.end:n_slots]]).to(torch.int64)
         slots = torch.cat([fixed.expand(n_q, -1), state.slots[pos]], dim=1)
         policy.selected_tokens += pos.numel()
         policy.candidate_tokens += n * n_q

@@ -265,6 +265,8 @@ class Scheduler:
             attn_backend=self.model_runner.attn_backend,
             # A middle chunk without logprobs needs no logits: compute one row only.
             logits_rows=torch.tensor(rows or [0], dtype=torch.int64))
+        if self.kv_compressor is not None:
+            fb.slot_selector = self.kv_compressor.make_selector(self, reqs)
         logits = self.model_runner.forward(fb)
         self.forward_ct += 1
         to_sample: list[Req] = []
