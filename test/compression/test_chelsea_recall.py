@@ -25,16 +25,16 @@ def _engine(model_path: str, **kw) -> Engine:
 
 
 def test_budget_covering_everything_equals_the_full_cache(tiny_llama_dir: str) -> None:
-    """The prompt is prefilled in one step (raw), then compressed; every decode step recalls
-    every centroid's members, so attention is the full cache's."""
+    """Prefill chunks and decode steps recall every centroid's members (the budget covers
+    them all), so every query attends to the raw tokens: the full cache's attention."""
     ids = _ids(200, 0)
     full = Engine(model_path=tiny_llama_dir, max_total_tokens=3000, log_level="warning")
     want = full.generate(input_ids=ids, sampling_params=GREEDY, return_logprob=True)
     full.shutdown()
-    merged = _engine(tiny_llama_dir)
+    merged = _engine(tiny_llama_dir, chunked_prefill_size=64)
     merged_only = merged.generate(input_ids=ids, sampling_params=GREEDY, return_logprob=True)
     merged.shutdown()
-    engine = _engine(tiny_llama_dir, chelsea_recall_budget=100000)
+    engine = _engine(tiny_llama_dir, chelsea_recall_budget=100000, chunked_prefill_size=64)
     got = engine.generate(input_ids=ids, sampling_params=GREEDY, return_logprob=True)
     kv = engine.get_server_info()["kv_cache"]
     assert kv["clustered_chunks"] == (200 + 40 - 1) // 32  # prompt and decode chunks
