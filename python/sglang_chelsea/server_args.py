@@ -21,6 +21,12 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 @dataclass
 class ServerArgs:
     """Arguments shared by ``launch_server`` and the offline ``Engine``.
@@ -130,8 +136,8 @@ class ServerArgs:
             raise ValueError(f"chelsea_kernel must be torch or triton, got {self.chelsea_kernel!r}")
         if self.streaming_window < 1:
             raise ValueError("streaming_window must be >= 1")
-        if self.tp_size != 1 or self.dp_size != 1:
-            raise ValueError("tp_size and dp_size > 1 are not supported yet")
+        if self.tp_size < 1 or self.dp_size < 1:
+            raise ValueError("tp_size and dp_size must be >= 1")
         if self.attention_backend not in ATTENTION_BACKEND_CHOICES:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKEND_CHOICES}, "
                              f"got {self.attention_backend!r}")
@@ -145,6 +151,9 @@ class ServerArgs:
         """Pick the device (cuda when a GPU is present), its dtype and attention backend."""
         if self.device == "auto":
             self.device = "cuda" if cuda_available() else "cpu"
+        if self.tp_size > 1 and self.device == "cuda" and self.tp_size > cuda_device_count():
+            raise ValueError(f"tp_size {self.tp_size} needs one GPU per rank; torch sees "
+                             f"{cuda_device_count()}")
         if self.attention_backend == "auto":
             self.attention_backend = "triton" if self.device == "cuda" else "torch"
         if self.attention_backend == "triton" and self.device == "cpu" \
@@ -223,8 +232,12 @@ class ServerArgs:
         g.add_argument("--random-seed", type=int, default=d.random_seed, help="Global random seed")
         g.add_argument("--num-threads", type=int, default=d.num_threads,
                        help="torch intra-op threads (default: all cores)")
-        g.add_argument("--tp-size", type=int, default=d.tp_size, help="Tensor parallel size (1)")
-        g.add_argument("--dp-size", type=int, default=d.dp_size, help="Data parallel size (1)")
+        g.add_argument("--tp-size", type=int, default=d.tp_size,
+                       help="Tensor parallel ranks (one process each; gloo on the CPU, NCCL "
+                            "on GPUs); each holds a share of the KV heads and MLP columns")
+        g.add_argument("--dp-size", type=int, default=d.dp_size,
+                       help="Data parallel workers: start this many servers on loopback and "
+                            "sglang-router (cache_aware) in front of them on --host/--port")
         g = p.add_argument_group("kv cache compression")
         g.add_argument("--kv-compression", type=str, default=d.kv_compression,
                        choices=list(KV_COMPRESSION_CHOICES), help="KV cache compression policy")
