@@ -138,6 +138,9 @@ class ServerArgs:
             raise ValueError("streaming_window must be >= 1")
         if self.tp_size < 1 or self.dp_size < 1:
             raise ValueError("tp_size and dp_size must be >= 1")
+        if self.dp_size > 1 and self.api_key:
+            raise ValueError("--api-key with --dp-size > 1 is not supported: start the workers "
+                             "and sglang-router separately (docs/scale-out.md)")
         if self.attention_backend not in ATTENTION_BACKEND_CHOICES:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKEND_CHOICES}, "
                              f"got {self.attention_backend!r}")
