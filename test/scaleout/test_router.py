@@ -101,7 +101,8 @@ def test_cache_aware_routing_and_flush(dp_server: tuple[ServerProcess, list[str]
 
     # The same two waves on a single worker.
     engine = Engine(**WORKER_ARGS)
-    expected = [r["output_ids"] for wave in (FIRST, FOLLOW) for r in engine.generate(wave, SAMPLING)]
+    expected = [r["output_ids"]
+                for wave in (FIRST, FOLLOW) for r in engine.generate(wave, SAMPLING)]
     assert outputs == expected
 
     # /flush_cache through the router empties both workers.
