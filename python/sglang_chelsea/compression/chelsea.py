@@ -3,7 +3,8 @@
 A chunk is a radix page of ``chelsea_chunk_size`` tokens. When it completes, every layer
 and KV head of it is matched and merged in one batched call; the centroids are written
 into the first ``m`` of the chunk's own slots (``m`` = the most centroids any layer/head
-kept), the other ``C - m`` slots are freed, and the request's slot list is compacted.
+kept, on any tensor-parallel rank), the other ``C - m`` slots are freed, and the request's
+slot list is compacted.
 Each slot's weight (per layer, KV head) is its cluster size (0 for a padding slot), and
 attention adds log(weight) when the size bias is on.
 """
