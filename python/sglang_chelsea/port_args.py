@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 
@@ -14,12 +15,14 @@ class PortArgs:
 
     tokenizer -> scheduler (``scheduler_input_ipc_name``), scheduler -> detokenizer
     (``detokenizer_ipc_name``), detokenizer and scheduler -> tokenizer (``tokenizer_ipc_name``).
+    With ``--tp-size`` > 1 the ranks rendezvous on loopback TCP port ``dist_init_port``.
     """
 
     ipc_dir: str
     tokenizer_ipc_name: str
     scheduler_input_ipc_name: str
     detokenizer_ipc_name: str
+    dist_init_port: int = 0
 
     @classmethod
     def init_new(cls) -> PortArgs:
@@ -31,7 +34,14 @@ class PortArgs:
 
         return cls(ipc_dir=ipc_dir, tokenizer_ipc_name=name("tokenizer"),
                    scheduler_input_ipc_name=name("scheduler"),
-                   detokenizer_ipc_name=name("detokenizer"))
+                   detokenizer_ipc_name=name("detokenizer"), dist_init_port=free_port())
 
     def cleanup(self) -> None:
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

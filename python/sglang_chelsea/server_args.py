@@ -21,6 +21,12 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 @dataclass
 class ServerArgs:
     """Arguments shared by ``launch_server`` and the offline ``Engine``.
@@ -142,8 +148,11 @@ class ServerArgs:
             raise ValueError("streaming_window must be >= 1")
         if self.kv_compression == "clusterkv":
             self._check_clusterkv()
-        if self.tp_size != 1 or self.dp_size != 1:
-            raise ValueError("tp_size and dp_size > 1 are not supported yet")
+        if self.tp_size < 1 or self.dp_size < 1:
+            raise ValueError("tp_size and dp_size must be >= 1")
+        if self.dp_size > 1 and self.api_key:
+            raise ValueError("--api-key with --dp-size > 1 is not supported: start the workers "
+                             "and sglang-router separately (docs/scale-out.md)")
         if self.attention_backend not in ATTENTION_BACKEND_CHOICES:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKEND_CHOICES}, "
                              f"got {self.attention_backend!r}")
@@ -169,6 +178,9 @@ class ServerArgs:
         """Pick the device (cuda when a GPU is present), its dtype and attention backend."""
         if self.device == "auto":
             self.device = "cuda" if cuda_available() else "cpu"
+        if self.tp_size > 1 and self.device == "cuda" and self.tp_size > cuda_device_count():
+            raise ValueError(f"tp_size {self.tp_size} needs one GPU per rank; torch sees "
+                             f"{cuda_device_count()}")
         if self.attention_backend == "auto":
             self.attention_backend = "triton" if self.device == "cuda" else "torch"
         if self.attention_backend == "triton" and self.device == "cpu" \
@@ -177,6 +189,8 @@ class ServerArgs:
                              "(or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)")
         selecting = self.kv_compression == "clusterkv" or (
             self.kv_compression == "chelsea" and self.chelsea_recall_budget > 0)
+        if selecting and self.tp_size > 1:
+            raise ValueError("clusterkv and chelsea recall do not support --tp-size > 1 yet")
         if selecting and self.attention_backend != "torch":
             raise ValueError("clusterkv and chelsea recall select slots per query head, which "
                              "only the torch attention backend implements so far; use "
@@ -253,8 +267,12 @@ class ServerArgs:
         g.add_argument("--random-seed", type=int, default=d.random_seed, help="Global random seed")
         g.add_argument("--num-threads", type=int, default=d.num_threads,
                        help="torch intra-op threads (default: all cores)")
-        g.add_argument("--tp-size", type=int, default=d.tp_size, help="Tensor parallel size (1)")
-        g.add_argument("--dp-size", type=int, default=d.dp_size, help="Data parallel size (1)")
+        g.add_argument("--tp-size", type=int, default=d.tp_size,
+                       help="Tensor parallel ranks (one process each; gloo on the CPU, NCCL "
+                            "on GPUs); each holds a share of the KV heads and MLP columns")
+        g.add_argument("--dp-size", type=int, default=d.dp_size,
+                       help="Data parallel workers: start this many servers on loopback and "
+                            "sglang-router (cache_aware) in front of them on --host/--port")
         g = p.add_argument_group("kv cache compression")
         g.add_argument("--kv-compression", type=str, default=d.kv_compression,
                        choices=list(KV_COMPRESSION_CHOICES), help="KV cache compression policy")

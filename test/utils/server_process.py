@@ -50,7 +50,8 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def subprocess_pids(self) -> list[int]:
-        """The server's scheduler and detokenizer (spawned children, not the resource tracker)."""
+        """The server's spawned children (scheduler, tensor-parallel ranks, detokenizer; or the
+        --dp-size workers), not the resource tracker."""
         pids = []
         for child in child_pids(self.proc.pid):
             try:

@@ -3,7 +3,8 @@
 A chunk is a radix page of ``chelsea_chunk_size`` tokens. When it completes, every layer
 and KV head of it is matched and merged in one batched call; the centroids are written
 into the first ``m`` of the chunk's own slots (``m`` = the most centroids any layer/head
-kept), the other ``C - m`` slots are freed, and the request's slot list is compacted.
+kept, on any tensor-parallel rank), the other ``C - m`` slots are freed, and the request's
+slot list is compacted.
 Each slot's weight (per layer, KV head) is its cluster size (0 for a padding slot), and
 attention adds log(weight) when the size bias is on.
 """
@@ -15,10 +16,12 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+import torch.distributed as dist
 
 from sglang_chelsea.compression.base import (KVCompressor, SlotSelector, page_slots,
     register_compressor, shrink_page)
 from sglang_chelsea.compression.chelsea_recall import RecallSelector, RecallStore
+from sglang_chelsea.distributed.parallel_state import get_tp_group
 from sglang_chelsea.kernels.chunked_soft_matching import MergeResult, chunked_soft_matching
 
 if TYPE_CHECKING:
@@ -85,12 +88,38 @@ class ChelseaCompressor(KVCompressor):
         self.cluster_time += time.perf_counter() - t0
 
     def _compress(self, scheduler: "Scheduler", jobs: list[tuple["Req", int]]) -> None:
-        pool = scheduler.token_to_kv_pool
         c = self.chunk_size
         for req, page in jobs:
             assert req.page_lens[page] == c, "only raw pages are compressed"
         slots = torch.stack([page_slots(scheduler, req, page) for req, page in jobs])  # [N, C]
-        n_chunks = len(jobs)
+        protected = torch.zeros(slots.shape, dtype=torch.bool)
+        for i, (_, page) in enumerate(jobs):
+            first = page * c
+            if first < self.sink_tokens:
+                protected[i, : self.sink_tokens - first] = True
+        # On every tensor-parallel rank (each over its own KV heads).
+        kept = scheduler.model_runner.cluster_chunks(slots, protected)
+        for i, (req, page) in enumerate(jobs):
+            m = int(kept[i])
+            shrink_page(scheduler, req, page, m)
+            self.clustered_chunks += 1
+            self.clustered_tokens += c
+            self.kept_slots += m
+        for req, page in jobs:
+            req.compressed_pages = max(req.compressed_pages, page + 1)
+
+    def cluster(self, pool: "MHATokenToKVPool", slots: torch.Tensor,
+                protected: torch.Tensor) -> torch.Tensor:
+        """Merge the chunks held in ``slots`` ``[N, C]`` (``protected`` ``[N, C]``: tokens
+        that never merge) for every compressed layer and KV head of ``pool``; write the
+        centroids into each chunk's first slots and return how many slots each chunk keeps.
+
+        The kept count is the most centroids any layer/head needs, over all
+        tensor-parallel ranks (each clusters its own heads), so that the slot schedule the
+        rank-0 scheduler applies is valid on every rank.
+        """
+        c = self.chunk_size
+        n_chunks = slots.shape[0]
         layers = range(self.full_layers, pool.num_layers)
         device = pool.k_buffer[0].device
         flat = slots.reshape(-1).to(device)
@@ -101,11 +130,6 @@ class ChelseaCompressor(KVCompressor):
         h, d = pool.num_kv_heads, pool.head_dim
         keys = keys.view(n_layers, h, n_chunks, c, d).transpose(1, 2).reshape(-1, h, c, d)
         values = values.view(n_layers, h, n_chunks, c, d).transpose(1, 2).reshape(-1, h, c, d)
-        protected = torch.zeros((n_chunks, c), dtype=torch.bool)
-        for i, (_, page) in enumerate(jobs):
-            first = page * c
-            if first < self.sink_tokens:
-                protected[i, : self.sink_tokens - first] = True
         match = chunked_soft_matching
         if self.kernel == "triton":
             from sglang_chelsea.kernels.chunked_soft_matching_triton import (
@@ -116,20 +140,17 @@ class ChelseaCompressor(KVCompressor):
             protected=protected.to(device).repeat(n_layers, 1))
         # Slots kept per chunk: the most centroids any compressed layer/head needs (all C
         # when some layers stay raw).
-        kept = result.num_kept.view(n_layers, n_chunks, h).amax(dim=(0, 2)).cpu()  # [N]
+        kept = result.num_kept.view(n_layers, n_chunks, h).amax(dim=(0, 2))  # [N]
         if self.full_layers:
             kept = torch.full_like(kept, c)
+        tp_group = get_tp_group()
+        if tp_group is not None:
+            tp_group.all_reduce(kept, dist.ReduceOp.MAX)
+        kept = kept.cpu()
         if self.recall is not None:  # raw chunks to the host tier before centroids overwrite them
-            self.recall.add(slots, kept, result.assignment.view(n_layers, n_chunks, h, c))
-        self._write_centroids(pool, layers, slots, kept, result)
-        for i, (req, page) in enumerate(jobs):
-            m = int(kept[i])
-            shrink_page(scheduler, req, page, m)
-            self.clustered_chunks += 1
-            self.clustered_tokens += c
-            self.kept_slots += m
-        for req, page in jobs:
-            req.compressed_pages = max(req.compressed_pages, page + 1)
+            self.recall.add(slots.cpu(), kept, result.assignment.view(n_layers, n_chunks, h, c))
+        self._write_centroids(pool, layers, slots.cpu(), kept, result)
+        return kept
 
     def _write_centroids(self, pool: "MHATokenToKVPool", layers: range, slots: torch.Tensor,
                          kept: torch.Tensor, result: "MergeResult") -> None:

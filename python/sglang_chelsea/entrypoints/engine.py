@@ -20,6 +20,9 @@ class Engine:
 
     def __init__(self, **kwargs: Any) -> None:
         self.server_args = ServerArgs.from_kwargs(**kwargs)
+        if self.server_args.tp_size > 1 or self.server_args.dp_size > 1:
+            raise ValueError("the offline Engine runs in one process: tp_size and dp_size > 1 "
+                             "need the server (python -m sglang_chelsea.launch_server)")
         logging.basicConfig(level=getattr(logging, self.server_args.log_level.upper(), logging.INFO),
                             format="[%(asctime)s] %(message)s")
         self.scheduler = Scheduler(self.server_args)

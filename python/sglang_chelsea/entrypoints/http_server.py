@@ -220,18 +220,24 @@ async def _watchdog(tm: TokenizerManager, procs: ServerProcesses, server: uvicor
 
 
 async def _announce_when_ready(tm: TokenizerManager, server: uvicorn.Server,
-                               server_args: ServerArgs) -> None:
-    """Wait for the socket, warm up with one generation, then print the URL."""
+                               server_args: ServerArgs, ready_event: Any) -> None:
+    """Wait for the socket, warm up with one generation, then print the URL (a data-parallel
+    worker sets ``ready_event`` instead: the launcher announces the router)."""
     while not server.started:
         await asyncio.sleep(0.05)
     if not await tm.health_generate(timeout=120.0):
         logger.error("warm-up generation failed")
         return
+    if ready_event is not None:
+        ready_event.set()
+        logger.info("worker ready on %s:%d", server_args.host, server_args.port)
+        return
     print(ready_message(server_args), flush=True)
     logger.info("The server is fired up and ready to roll!")
 
 
-async def _serve(server_args: ServerArgs, port_args: PortArgs, procs: ServerProcesses) -> int:
+async def _serve(server_args: ServerArgs, port_args: PortArgs, procs: ServerProcesses,
+                 ready_event: Any) -> int:
     tm = TokenizerManager(server_args, port_args, procs.scheduler_info)
     tm.start()
     app = create_app(tm, server_args)
@@ -241,7 +247,7 @@ async def _serve(server_args: ServerArgs, port_args: PortArgs, procs: ServerProc
     server = uvicorn.Server(config)
     status = {"exit_code": 0}
     tasks = [asyncio.create_task(_watchdog(tm, procs, server, status)),
-             asyncio.create_task(_announce_when_ready(tm, server, server_args))]
+             asyncio.create_task(_announce_when_ready(tm, server, server_args, ready_event))]
     try:
         await server.serve()
     finally:
@@ -254,15 +260,24 @@ def _raise_exit(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def launch_server(server_args: ServerArgs) -> int:
-    """Run the server until SIGINT/SIGTERM or a subprocess dies; return the exit code."""
+def launch_server(server_args: ServerArgs, ready_event: Any = None) -> int:
+    """Run the server until SIGINT/SIGTERM or a subprocess dies; return the exit code.
+
+    ``--dp-size`` > 1 starts that many workers behind SGLang's router instead
+    (entrypoints/data_parallel); a worker gets the multiprocessing ``ready_event`` to set
+    once it has warmed up.
+    """
     configure_logger(server_args.log_level)
     signal.signal(signal.SIGTERM, _raise_exit)
+    if server_args.dp_size > 1:
+        from sglang_chelsea.entrypoints.data_parallel import launch_data_parallel
+
+        return launch_data_parallel(server_args)
     port_args = PortArgs.init_new()
     procs: ServerProcesses | None = None
     try:
         procs = launch_subprocesses(server_args, port_args)
-        return asyncio.run(_serve(server_args, port_args, procs))
+        return asyncio.run(_serve(server_args, port_args, procs, ready_event))
     except RuntimeError as exc:
         logger.error("%s", exc)
         return 1

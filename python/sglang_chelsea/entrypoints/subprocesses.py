@@ -12,6 +12,7 @@ from typing import Any
 
 from sglang_chelsea.managers.detokenizer_manager import run_detokenizer_process
 from sglang_chelsea.managers.scheduler_process import run_scheduler_process
+from sglang_chelsea.managers.tp_worker import run_tp_worker_process
 from sglang_chelsea.port_args import PortArgs
 from sglang_chelsea.server_args import ServerArgs
 
@@ -67,18 +68,23 @@ def _wait_ready(name: str, proc: BaseProcess, reader: Connection, deadline: floa
 
 
 def launch_subprocesses(server_args: ServerArgs, port_args: PortArgs) -> ServerProcesses:
-    """Spawn the scheduler and the detokenizer; return once both are ready.
+    """Spawn the scheduler (tensor-parallel rank 0), the other tensor-parallel ranks and
+    the detokenizer; return once all are ready.
 
     On failure every started process is stopped and RuntimeError says why.
     """
     ctx = mp.get_context("spawn")
-    targets = {"scheduler": run_scheduler_process, "detokenizer": run_detokenizer_process}
+    targets: dict[str, tuple[Any, tuple[Any, ...]]] = {
+        "scheduler": (run_scheduler_process, ())}
+    for rank in range(1, server_args.tp_size):
+        targets[f"tp rank {rank}"] = (run_tp_worker_process, (rank,))
+    targets["detokenizer"] = (run_detokenizer_process, ())
     procs: dict[str, BaseProcess] = {}
     readers: dict[str, Connection] = {}
-    for name, target in targets.items():
+    for name, (target, extra) in targets.items():
         reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=target, args=(server_args, port_args, writer), name=name,
-                           daemon=True)
+        proc = ctx.Process(target=target, args=(server_args, port_args, *extra, writer),
+                           name=name, daemon=True)
         proc.start()
         writer.close()
         procs[name], readers[name] = proc, reader
@@ -92,5 +98,5 @@ def launch_subprocesses(server_args: ServerArgs, port_args: PortArgs) -> ServerP
     except BaseException:
         launched.shutdown()
         raise
-    logger.info("scheduler and detokenizer are ready")
+    logger.info("%s ready", ", ".join(targets))
     return launched

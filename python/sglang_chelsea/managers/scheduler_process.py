@@ -15,6 +15,7 @@ from typing import Any
 
 import zmq
 
+from sglang_chelsea.distributed.parallel_state import init_tp_group
 from sglang_chelsea.managers.io_struct import (
     AbortReq,
     BatchTokenIDOutput,
@@ -125,10 +126,14 @@ class SchedulerEventLoop:
 
 def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs,
                           ready_writer: Connection) -> None:
-    """Subprocess entry point: load the model, report readiness (or the error), serve."""
+    """Subprocess entry point: load the model, report readiness (or the error), serve.
+
+    With ``--tp-size`` > 1 this process is tensor-parallel rank 0 (see tp_worker)."""
     install_subprocess_signal_handlers()
     configure_logger(server_args.log_level, " Scheduler")
     try:
+        if server_args.tp_size > 1:
+            init_tp_group(0, server_args.tp_size, port_args.dist_init_port, server_args.device)
         scheduler = Scheduler(server_args)
         loop = SchedulerEventLoop(scheduler, port_args)
     except Exception:

@@ -1,18 +1,28 @@
-"""ModelRunner: loads the model, owns the KV pools, runs forward passes."""
+"""ModelRunner: loads the model, owns the KV pools, runs forward passes.
+
+With tensor parallelism every rank has a ModelRunner over its shard of the model and a
+KV pool of its own KV heads, with the same slot numbering. Rank 0's runner serves the
+scheduler and broadcasts each operation that touches the pool (a forward pass, a Chelsea
+clustering step) before running it; the other ranks run ``serve_tp_followers`` and repeat
+each operation on their shard.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
+import torch.distributed as dist
 
 from sglang_chelsea.attention.base_backend import AttentionBackend
 from sglang_chelsea.attention.torch_backend import TorchNativeAttnBackend
 from sglang_chelsea.compression.base import create_compressor
 from sglang_chelsea.configs.model_config import ModelConfig
+from sglang_chelsea.distributed.parallel_state import get_tp_group, shard_range
 from sglang_chelsea.mem_cache.host_pool import HostKVPool
 from sglang_chelsea.mem_cache.memory_pool import (
     MHATokenToKVPool,
@@ -20,7 +30,7 @@ from sglang_chelsea.mem_cache.memory_pool import (
     TokenToKVPoolAllocator,
     kv_bytes_per_slot,
 )
-from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch
+from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 from sglang_chelsea.model_loader import load_model, resolve_dtype
 from sglang_chelsea.models.llama import ARCHITECTURES
 from sglang_chelsea.server_args import ServerArgs
@@ -76,15 +86,65 @@ def init_dummy_weights(model: torch.nn.Module, device: torch.device, seed: int) 
         model.lm_head.weight = model.embed_tokens.weight
 
 
+@dataclass
+class ForwardCommand:
+    """What the other tensor-parallel ranks need to repeat rank 0's forward pass: the
+    batch's index tensors (CPU) and the request rows of ``req_to_token`` it reads."""
+
+    forward_mode: ForwardMode
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    out_cache_loc: torch.Tensor
+    req_pool_indices: list[int]
+    seq_lens: list[int]
+    extend_prefix_lens: list[int]
+    extend_seq_lens: list[int]
+    rows: torch.Tensor  # [batch, max(seq_lens)] int32: req_to_token[req_pool_indices]
+
+    @classmethod
+    def from_batch(cls, fb: ForwardBatch) -> "ForwardCommand":
+        table = fb.req_to_token_pool.req_to_token
+        rows = table[fb.req_pool_indices, : max(fb.seq_lens)]
+        return cls(fb.forward_mode, fb.input_ids.cpu(), fb.positions.cpu(),
+                   fb.out_cache_loc.cpu(), fb.req_pool_indices, fb.seq_lens,
+                   fb.extend_prefix_lens, fb.extend_seq_lens, rows)
+
+    def to_batch(self, runner: "ModelRunner") -> ForwardBatch:
+        """The batch on this rank (writes the request rows into its ``req_to_token``)."""
+        table = runner.req_to_token_pool.req_to_token
+        table[self.req_pool_indices, : self.rows.shape[1]] = self.rows
+        return ForwardBatch(
+            forward_mode=self.forward_mode, batch_size=len(self.req_pool_indices),
+            input_ids=self.input_ids, positions=self.positions, out_cache_loc=self.out_cache_loc,
+            req_pool_indices=self.req_pool_indices, seq_lens=self.seq_lens,
+            extend_prefix_lens=self.extend_prefix_lens, extend_seq_lens=self.extend_seq_lens,
+            req_to_token_pool=runner.req_to_token_pool, token_to_kv_pool=runner.token_to_kv_pool,
+            attn_backend=runner.attn_backend)
+
+
+@dataclass
+class ClusterCommand:
+    """A Chelsea clustering step over completed chunks (see ``ModelRunner.cluster_chunks``)."""
+
+    slots: torch.Tensor
+    protected: torch.Tensor
+
+
 class ModelRunner:
-    """Model weights + KV pools + attention backend, on the CPU or a CUDA GPU."""
+    """Model weights + KV pools + attention backend, on the CPU or a CUDA GPU (one
+    tensor-parallel rank's shard of them when the process joined a TP group)."""
 
     def __init__(self, server_args: ServerArgs) -> None:
         self.server_args = server_args
         if server_args.num_threads:
             torch.set_num_threads(server_args.num_threads)
         torch.manual_seed(server_args.random_seed)
+        self.tp_group = get_tp_group()
+        self.tp_rank = self.tp_group.rank if self.tp_group is not None else 0
+        self.tp_size = self.tp_group.size if self.tp_group is not None else 1
         self.device = torch.device(server_args.device)
+        if self.device.type == "cuda" and self.tp_group is not None:
+            self.device = torch.device("cuda", self.tp_rank)
         self.dtype = resolve_dtype(server_args.dtype, server_args.device)
         t0 = time.perf_counter()
         loaded = load_model(server_args.model_path, self.dtype,
@@ -100,6 +160,12 @@ class ModelRunner:
         if cfg.architecture not in ARCHITECTURES:
             raise ValueError(f"unsupported architecture {cfg.architecture!r}; "
                              f"supported: {sorted(ARCHITECTURES)}")
+        if cfg.num_key_value_heads < self.tp_size:
+            raise ValueError(
+                f"--tp-size {self.tp_size} is larger than the model's {cfg.num_key_value_heads} "
+                f"KV heads: every rank needs at least one KV head")
+        kv_start, kv_end = shard_range(cfg.num_key_value_heads, self.tp_rank, self.tp_size)
+        self.num_kv_heads = kv_end - kv_start  # this rank's KV heads
         with torch.device("meta"):
             model = ARCHITECTURES[cfg.architecture](cfg, self.context_len + 1, self.dtype)
         model.to(self.dtype)
@@ -133,7 +199,7 @@ class ModelRunner:
             self.attn_backend.host_pool = self.host_pool
         self.cuda_graph_runner: Optional["CudaGraphRunner"] = None
         if (self.device.type == "cuda" and server_args.attention_backend == "triton"
-                and not server_args.disable_cuda_graph):
+                and not server_args.disable_cuda_graph and self.tp_size == 1):
             from sglang_chelsea.model_executor.cuda_graph_runner import CudaGraphRunner
 
             max_bs = server_args.cuda_graph_max_bs or min(server_args.max_running_requests, 64)
@@ -141,32 +207,62 @@ class ModelRunner:
 
     def _init_memory_pool(self) -> None:
         args, cfg = self.server_args, self.model_config
-        per_slot = kv_bytes_per_slot(cfg.num_hidden_layers, cfg.num_key_value_heads,
+        per_slot = kv_bytes_per_slot(cfg.num_hidden_layers, self.num_kv_heads,
                                      cfg.head_dim, self.dtype)
         if args.max_total_tokens is not None:
             size = args.max_total_tokens
         else:
             size = int(available_memory_bytes(args.device) * args.mem_fraction_static) // per_slot
             size = max(size, 16)
+            if self.tp_group is not None:  # slot numbers are shared: the smallest pool wins
+                size = int(self.tp_group.all_reduce_cpu(torch.tensor([size]), dist.ReduceOp.MIN))
         self.max_total_num_tokens = size
         self.req_to_token_pool = ReqToTokenPool(args.max_running_requests + 1, self.context_len + 1)
         self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(size)
-        self.token_to_kv_pool = MHATokenToKVPool(size, cfg.num_hidden_layers,
-                                                 cfg.num_key_value_heads, cfg.head_dim, self.dtype,
-                                                 device=self.device)
+        self.token_to_kv_pool = MHATokenToKVPool(size, cfg.num_hidden_layers, self.num_kv_heads,
+                                                 cfg.head_dim, self.dtype, device=self.device)
         logger.info("KV pool: %d slots, %.1f MB", size, size * per_slot / 2**20)
 
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch) -> torch.Tensor:
         """Run the model; return float32 logits for ``forward_batch.logits_rows`` (on the
         model's device; the scheduler builds the batch's index tensors on the CPU and they
-        are moved here). Decode batches replay a CUDA graph when one is captured."""
+        are moved here). Decode batches replay a CUDA graph when one is captured.
+        With tensor parallelism the other ranks are told to run the same pass first."""
         if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(forward_batch):
             return self.cuda_graph_runner.replay(forward_batch)
-        forward_batch.to(self.device)
-        self.attn_backend.init_forward_metadata(forward_batch)
-        hidden = self.model(forward_batch)
+        if self.tp_group is not None:
+            self.tp_group.broadcast_object(ForwardCommand.from_batch(forward_batch))
+        hidden = self._forward_hidden(forward_batch)
         rows: Optional[torch.Tensor] = forward_batch.logits_rows
         if rows is not None:
             hidden = hidden.index_select(0, rows)
         return self.model.compute_logits(hidden)
+
+    def _forward_hidden(self, forward_batch: ForwardBatch) -> torch.Tensor:
+        forward_batch.to(self.device)
+        self.attn_backend.init_forward_metadata(forward_batch)
+        return self.model(forward_batch)
+
+    def cluster_chunks(self, slots: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+        """Run the Chelsea compressor over completed chunks (``slots`` ``[N, C]``) on every
+        rank's KV heads; returns the slots kept per chunk (the same on every rank)."""
+        assert self.kv_compressor is not None
+        if self.tp_group is not None:
+            self.tp_group.broadcast_object(ClusterCommand(slots.cpu(), protected.cpu()))
+        return self.kv_compressor.cluster(self.token_to_kv_pool, slots, protected)
+
+    def serve_tp_followers(self) -> None:
+        """Ranks other than 0: repeat rank 0's operations on this shard until it goes away
+        (its process exits and the group's connection closes)."""
+        assert self.tp_group is not None and not self.tp_group.is_first_rank
+        while True:
+            cmd = self.tp_group.broadcast_object()
+            with torch.inference_mode():
+                if isinstance(cmd, ForwardCommand):
+                    self._forward_hidden(cmd.to_batch(self))
+                elif isinstance(cmd, ClusterCommand):
+                    assert self.kv_compressor is not None
+                    self.kv_compressor.cluster(self.token_to_kv_pool, cmd.slots, cmd.protected)
+                else:
+                    raise RuntimeError(f"unknown tensor-parallel command {type(cmd).__name__}")

@@ -1,6 +1,8 @@
 """Llama-family decoder (Llama 2/3, Mistral, SmolLM2) and Qwen2 (Llama + q/k/v bias).
 
-Weights arrive with Hugging Face names; q/k/v and gate/up are fused at load time.
+Weights arrive with Hugging Face names; q/k/v and gate/up are fused at load time. With
+tensor parallelism each rank holds a contiguous range of KV heads (with their query heads)
+and of the MLP's intermediate columns; embeddings, norms and the LM head stay replicated.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglang_chelsea.configs.model_config import ModelConfig
+from sglang_chelsea.distributed.parallel_state import get_tp_rank, get_tp_size, shard_range
+from sglang_chelsea.layers.linear import ColumnParallelLinear, RowParallelLinear
 from sglang_chelsea.layers.rotary_embedding import RotaryEmbedding, apply_rotary
 from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch
 
@@ -28,15 +32,19 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.scaling = self.head_dim ** -0.5
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        kv_start, kv_end = shard_range(config.num_key_value_heads, get_tp_rank(), get_tp_size())
+        group, d = config.num_queries_per_kv, config.head_dim
+        self.num_kv_heads = kv_end - kv_start  # this rank's heads
+        self.num_heads = self.num_kv_heads * group
+        self.head_dim = d
+        self.q_size = self.num_heads * d
+        self.kv_size = self.num_kv_heads * d
+        self.scaling = d ** -0.5
+        q_shard = (kv_start * group * d, kv_end * group * d)
+        kv_shard = (kv_start * d, kv_end * d)
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [q_shard, kv_shard, kv_shard],
+                                             bias=config.attention_bias)
+        self.o_proj = RowParallelLinear(q_shard, config.hidden_size)
 
     def forward(self, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -56,9 +64,10 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        shard = shard_range(config.intermediate_size, get_tp_rank(), get_tp_size())
+        self.intermediate_size = shard[1] - shard[0]  # this rank's columns
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [shard, shard], bias=False)
+        self.down_proj = RowParallelLinear(shard, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -105,21 +114,24 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load HF-named weights, fusing q/k/v and gate/up."""
+        """Load HF-named weights, fusing q/k/v and gate/up (this rank's shard of them)."""
         params = dict(self.named_parameters())
         fused: dict[str, torch.Tensor] = {}
-        for i in range(self.config.num_hidden_layers):
+        for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             attn, mlp = p + "self_attn.", p + "mlp."
-            fused[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
+            qkv, o_proj = layer.self_attn.qkv_proj, layer.self_attn.o_proj
+            fused[f"layers.{i}.self_attn.qkv_proj.weight"] = qkv.shard(
                 [weights[attn + f"{n}_proj.weight"] for n in "qkv"])
             if self.config.attention_bias:
-                fused[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat(
+                fused[f"layers.{i}.self_attn.qkv_proj.bias"] = qkv.shard(
                     [weights[attn + f"{n}_proj.bias"] for n in "qkv"])
-            fused[f"layers.{i}.self_attn.o_proj.weight"] = weights[attn + "o_proj.weight"]
-            fused[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
+            fused[f"layers.{i}.self_attn.o_proj.weight"] = o_proj.shard(
+                weights[attn + "o_proj.weight"])
+            fused[f"layers.{i}.mlp.gate_up_proj.weight"] = layer.mlp.gate_up_proj.shard(
                 [weights[mlp + "gate_proj.weight"], weights[mlp + "up_proj.weight"]])
-            fused[f"layers.{i}.mlp.down_proj.weight"] = weights[mlp + "down_proj.weight"]
+            fused[f"layers.{i}.mlp.down_proj.weight"] = layer.mlp.down_proj.shard(
+                weights[mlp + "down_proj.weight"])
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 fused[f"layers.{i}.{norm}.weight"] = weights[p + norm + ".weight"]
         fused["embed_tokens.weight"] = weights["model.embed_tokens.weight"]
