@@ -14,9 +14,20 @@ raw context that a policy would compress (the question is fed after compression)
 Tasks:
 - passkey: the plain passkey prompt of environment.md, ``--num-keys`` keys at evenly
   spread depths per context length; greedy; correct if the key is in the answer.
+- niah_multikey: ``--num-keys`` cases per context length of four "special magic number
+  for KEY" needles at spread depths, one key asked (RULER's multi-key needle); correct if
+  the asked number is in the answer.
+- vt: ``--num-keys`` cases of RULER-style variable tracking (a chain of three variables
+  holding one number, spread through the filler); score = share of the chain's names in
+  the answer.
 - kl: teacher-forced next-token distributions on ``--kl-tokens`` tokens of real English
   text found on the machine; mean KL(full || policy), top-1 agreement with the full
   cache and perplexity, over positions after the first chunk.
+- ppl: teacher-forced perplexity of the first ``context_len`` tokens of that text, for
+  each context length (positions after the first chunk).
+
+Results: one JSON list (a row per policy x task x context length); ``--plot`` draws
+accuracy (or KL / perplexity) against the KV kept, a line per policy family.
 """
 
 from __future__ import annotations
@@ -32,7 +43,8 @@ from typing import Any, Optional
 import torch
 
 from sglang_chelsea import Engine
-from sglang_chelsea.utils.long_context_tasks import passkey_prompt
+from sglang_chelsea.utils.long_context_tasks import (TaskCase, multikey_needle_case,
+                                                     passkey_prompt, variable_tracking_case)
 
 TEXT_CANDIDATES = ["/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/GFDL-1.3",
                    "/usr/share/common-licenses/Apache-2.0", "/usr/share/common-licenses/LGPL-3"]
@@ -109,6 +121,24 @@ def run_passkey(engine: Engine, context_len: int, num_keys: int, seed: int) -> d
     return {"accuracy": hits / num_keys, "cases": cases, "kv_after": kv}
 
 
+CASE_BUILDERS = {"niah_multikey": multikey_needle_case, "vt": variable_tracking_case}
+
+
+def run_cases(engine: Engine, task: str, context_len: int, num_cases: int, seed: int
+              ) -> dict[str, Any]:
+    """Mean score of ``num_cases`` synthetic cases of ``task`` (greedy)."""
+    rng = random.Random(f"{task}-{seed}-{context_len}")
+    cases: list[TaskCase] = [CASE_BUILDERS[task](engine.tokenizer, rng, context_len)
+                             for _ in range(num_cases)]
+    scores, records = [], []
+    for case in cases:
+        out = engine.generate(case.prompt, {"temperature": 0,
+                                            "max_new_tokens": case.max_new_tokens})
+        scores.append(case.score(out["text"]))
+        records.append({"answers": case.answers, "answer": out["text"], "score": scores[-1]})
+    return {"accuracy": sum(scores) / len(scores), "cases": records}
+
+
 class LogitsRecorder:
     """Wraps a ModelRunner's forward to keep the logits of every extend pass."""
 
@@ -150,15 +180,19 @@ def teacher_forced_logprobs(engine: Engine, ids: list[int]) -> tuple[torch.Tenso
     return torch.log_softmax(logits.float(), dim=-1), recorder.peak_slots / len(ids)
 
 
+def perplexity(got: torch.Tensor, ids: list[int], skip: int) -> float:
+    """exp(mean NLL) of tokens ``skip+1..`` given log-probabilities at positions ``0..``."""
+    got = got[skip:]
+    targets = torch.tensor(ids[skip + 1:skip + 1 + got.shape[0]])
+    return float((-got.gather(1, targets.unsqueeze(1)).squeeze(1)).mean().exp())
+
+
 def kl_metrics(ref: torch.Tensor, got: torch.Tensor, ids: list[int], skip: int) -> dict[str, float]:
-    ref, got = ref[skip:], got[skip:]
-    targets = torch.tensor(ids[skip + 1:skip + 1 + ref.shape[0]])
-    kl = (ref.exp() * (ref - got)).sum(-1)
-    nll = -got.gather(1, targets.unsqueeze(1)).squeeze(1)
+    kl = (ref[skip:].exp() * (ref[skip:] - got[skip:])).sum(-1)
     return {
         "kl": float(kl.mean()),
-        "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
-        "ppl": float(nll.mean().exp()),
+        "top1_agreement": float((ref[skip:].argmax(-1) == got[skip:].argmax(-1)).float().mean()),
+        "ppl": perplexity(got, ids, skip),
     }
 
 
@@ -170,29 +204,44 @@ def read_text(path: Optional[str]) -> str:
     raise FileNotFoundError("no English text file found; pass --text-file")
 
 
+PANELS = {  # task -> (result key, y label, log scale)
+    "passkey": ("accuracy", "passkey accuracy", False),
+    "niah_multikey": ("accuracy", "multi-key needle accuracy", False),
+    "vt": ("accuracy", "variable tracking score", False),
+    "kl": ("kl", "KL(full || policy) on real text", True),
+    "ppl": ("ppl", "perplexity on real text", False),
+}
+
+
 def plot(results: list[dict[str, Any]], path: str) -> None:
+    """One panel per task present: its metric (mean over context lengths) vs KV kept,
+    a line per policy family."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for family in sorted({r["policy_family"] for r in results}):
-        for task, ax, key in (("passkey", axes[0], "accuracy"), ("kl", axes[1], "kl")):
-            pts = sorted((r["kv_kept"], r[key]) for r in results
-                         if r["policy_family"] == family and r["task"] == task)
-            if pts:
-                by_keep: dict[float, list[float]] = {}
-                for x, y in pts:
-                    by_keep.setdefault(x, []).append(y)
-                xs = sorted(by_keep)
-                ax.plot(xs, [sum(by_keep[x]) / len(by_keep[x]) for x in xs], marker="o",
-                        label=family)
-    axes[0].set(xlabel="KV kept (fraction of the full cache)", ylabel="passkey accuracy",
-                title="Passkey (mean over context lengths)")
-    axes[1].set(xlabel="KV kept (fraction of the full cache)", ylabel="KL(full || policy)",
-                title="Teacher-forced KL on real text", yscale="log")
-    for ax in axes:
+    tasks = [t for t in PANELS if any(r["task"] == t for r in results)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4), squeeze=False)
+    for task, ax in zip(tasks, axes[0]):
+        key, ylabel, log = PANELS[task]
+        for family in sorted({r["policy_family"] for r in results}):
+            by_keep: dict[float, list[float]] = {}
+            for r in results:
+                if r["policy_family"] == family and r["task"] == task:
+                    by_keep.setdefault(r["kv_kept"], []).append(r[key])
+            means = {x: sum(v) / len(v) for x, v in sorted(by_keep.items())}
+            if family == "none" and means:
+                ax.axhline(means[1.0], ls="--", color="gray", label="full cache")
+            elif means:
+                ax.plot(list(means), list(means.values()), marker="o", label=family)
+        lens = sorted({r["context_len"] for r in results if r["task"] == task})
+        ax.set(xlabel="KV kept (fraction of the full cache)", ylabel=ylabel,
+               title=f"{task} (context {', '.join(map(str, lens))})")
+        if log:
+            ax.set_yscale("log")
+        if key == "accuracy":
+            ax.set_ylim(-0.05, 1.05)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -205,9 +254,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", type=str, default=None)
     parser.add_argument("--policies", nargs="+", default=["none", "chelsea:keep=0.5"])
-    parser.add_argument("--tasks", nargs="+", default=["passkey", "kl"], choices=["passkey", "kl"])
+    parser.add_argument("--tasks", nargs="+", default=["passkey", "kl"], choices=["passkey", "niah_multikey", "vt", "kl", "ppl"])
     parser.add_argument("--context-lens", type=int, nargs="+", default=[2048, 4096, 8192])
-    parser.add_argument("--num-keys", type=int, default=5)
+    parser.add_argument("--num-keys", type=int, default=5,
+                        help="cases per context length of passkey, niah_multikey and vt")
     parser.add_argument("--kl-tokens", type=int, default=4096)
     parser.add_argument("--text-file", type=str, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -222,10 +272,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     results: list[dict[str, Any]] = []
     ref_logprobs: Optional[torch.Tensor] = None
     text_ids: list[int] = []
-    if "kl" in args.tasks:
+    if "kl" in args.tasks or "ppl" in args.tasks:
         engine = make_engine(parse_policy("none"), args.kl_tokens, args.model_path)
-        text_ids = engine.tokenizer.encode(read_text(args.text_file))[: args.kl_tokens]
-        ref_logprobs, _ = teacher_forced_logprobs(engine, text_ids)
+        text_ids = engine.tokenizer.encode(read_text(args.text_file))
+        if "kl" in args.tasks:
+            ref_logprobs, _ = teacher_forced_logprobs(engine, text_ids[: args.kl_tokens])
         engine.shutdown()
     for policy in policies:
         family = policy.spec.split(":")[0] if policy.name != "chelsea" else \
@@ -235,10 +286,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             assert ref_logprobs is not None
             engine = make_engine(policy, args.kl_tokens, args.model_path)
             t0 = time.perf_counter()
-            got, peak = teacher_forced_logprobs(engine, text_ids)
+            kl_ids = text_ids[: args.kl_tokens]
+            got, peak = teacher_forced_logprobs(engine, kl_ids)
             kv = engine.get_server_info()["kv_cache"]
-            row = {**base, "task": "kl", "context_len": len(text_ids), "peak_kv_fraction": round(peak, 4),
-                   **kl_metrics(ref_logprobs, got, text_ids, skip=128),
+            row = {**base, "task": "kl", "context_len": len(kl_ids), "peak_kv_fraction": round(peak, 4),
+                   **kl_metrics(ref_logprobs, got, kl_ids, skip=128),
                    "seconds": round(time.perf_counter() - t0, 1),
                    "clustering_seconds": kv.get("clustering_seconds")}
             results.append(row)
@@ -254,14 +306,39 @@ def main(argv: Optional[list[str]] = None) -> None:
                 results.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "cases"}), flush=True)
                 engine.shutdown()
+        for task in [t for t in args.tasks if t in CASE_BUILDERS]:
+            for ctx in args.context_lens:
+                engine = make_engine(policy, ctx, args.model_path)
+                t0 = time.perf_counter()
+                res = run_cases(engine, task, ctx, args.num_keys, args.seed)
+                row = {**base, "task": task, "context_len": ctx, **res,
+                       "seconds": round(time.perf_counter() - t0, 1)}
+                results.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "cases"}), flush=True)
+                engine.shutdown()
+        if "ppl" in args.tasks:
+            for ctx in args.context_lens:
+                engine = make_engine(policy, ctx, args.model_path)
+                t0 = time.perf_counter()
+                got, peak = teacher_forced_logprobs(engine, text_ids[:ctx])
+                row = {**base, "task": "ppl", "context_len": ctx,
+                       "ppl": perplexity(got, text_ids[:ctx], skip=128),
+                       "peak_kv_fraction": round(peak, 4),
+                       "seconds": round(time.perf_counter() - t0, 1)}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+                engine.shutdown()
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(results, f, indent=1)
     print("\npolicy | task | context | accuracy / KL | top-1 | ppl | peak KV fraction")
     print("--- | --- | --- | --- | --- | --- | ---")
     for r in results:
-        if r["task"] == "passkey":
-            print(f"{r['policy']} | passkey | {r['context_len']} | {r['accuracy']:.2f} | | |")
+        if r["task"] == "ppl":
+            print(f"{r['policy']} | ppl | {r['context_len']} | | | {r['ppl']:.2f} | "
+                  f"{r['peak_kv_fraction']:.3f}")
+        elif r["task"] != "kl":
+            print(f"{r['policy']} | {r['task']} | {r['context_len']} | {r['accuracy']:.2f} | | |")
         else:
             print(f"{r['policy']} | kl | {r['context_len']} | {r['kl']:.4f} | "
                   f"{r['top1_agreement']:.3f} | {r['ppl']:.2f} | {r['peak_kv_fraction']:.3f}")
