@@ -119,27 +119,27 @@ def read_usage(data: dict[str, Any], out: RequestOutput) -> None:
         out.cached_tokens = int(cached)
 
 
-async def request_sglang_generate(session: aiohttp.ClientSession, inp: RequestInput
-                                  ) -> RequestOutput:
+async def stream_request(session: aiohttp.ClientSession, inp: RequestInput,
+                         payload: dict[str, Any],
+                         on_data: Callable[[dict[str, Any], RequestOutput, ChunkClock], None]
+                         ) -> RequestOutput:
+    """POST ``payload`` to ``inp.api_url`` and feed every streamed JSON object to
+    ``on_data``; times the request and records usage. A failure goes into ``out.error``."""
     out = RequestOutput(prompt_len=inp.prompt_len, output_len=inp.output_len)
     out.start_time = time.perf_counter()
     clock = ChunkClock(out)
     try:
-        async with session.post(inp.api_url, json=generate_payload(inp),
-                                headers=inp.headers) as resp:
+        async with session.post(inp.api_url, json=payload, headers=inp.headers) as resp:
             if resp.status != 200:
                 out.error = f"HTTP {resp.status}: {await resp.text()}"
                 return out
             async for line in resp.content:
-                payload = sse_payloads(line)
-                if payload is None:
+                raw = sse_payloads(line)
+                if raw is None:
                     continue
-                data = json.loads(payload)
+                data = json.loads(raw)
                 read_usage(data, out)
-                if data.get("text"):
-                    out.generated_text = data["text"]
-                    out.output_len = data["meta_info"]["completion_tokens"]
-                    clock.arrived(out.output_len)
+                on_data(data, out, clock)
             out.latency = time.perf_counter() - out.start_time
             out.success = True
     except Exception:  # the error text goes into the results, the run goes on
@@ -147,36 +147,32 @@ async def request_sglang_generate(session: aiohttp.ClientSession, inp: RequestIn
     return out
 
 
+async def request_sglang_generate(session: aiohttp.ClientSession, inp: RequestInput
+                                  ) -> RequestOutput:
+    def on_data(data: dict[str, Any], out: RequestOutput, clock: ChunkClock) -> None:
+        if data.get("text"):
+            out.generated_text = data["text"]
+            out.output_len = data["meta_info"]["completion_tokens"]
+            clock.arrived(out.output_len)
+
+    return await stream_request(session, inp, generate_payload(inp), on_data)
+
+
 async def request_openai_completions(session: aiohttp.ClientSession, inp: RequestInput
                                      ) -> RequestOutput:
-    out = RequestOutput(prompt_len=inp.prompt_len, output_len=inp.output_len)
-    out.start_time = time.perf_counter()
-    clock = ChunkClock(out)
     text_chunks = 0
-    try:
-        async with session.post(inp.api_url, json=completions_payload(inp),
-                                headers=inp.headers) as resp:
-            if resp.status != 200:
-                out.error = f"HTTP {resp.status}: {await resp.text()}"
-                return out
-            async for line in resp.content:
-                payload = sse_payloads(line)
-                if payload is None:
-                    continue
-                data = json.loads(payload)
-                read_usage(data, out)
-                if data.get("usage"):
-                    out.output_len = data["usage"].get("completion_tokens", out.output_len)
-                choices = data.get("choices") or []
-                if choices and choices[0].get("text"):
-                    out.generated_text += choices[0]["text"]
-                    text_chunks += 1
-                    clock.arrived(text_chunks)
-            out.latency = time.perf_counter() - out.start_time
-            out.success = True
-    except Exception:
-        out.error = traceback.format_exc()
-    return out
+
+    def on_data(data: dict[str, Any], out: RequestOutput, clock: ChunkClock) -> None:
+        nonlocal text_chunks
+        if data.get("usage"):
+            out.output_len = data["usage"].get("completion_tokens", out.output_len)
+        choices = data.get("choices") or []
+        if choices and choices[0].get("text"):
+            out.generated_text += choices[0]["text"]
+            text_chunks += 1
+            clock.arrived(text_chunks)
+
+    return await stream_request(session, inp, completions_payload(inp), on_data)
 
 
 RequestFunc = Callable[[aiohttp.ClientSession, RequestInput], Awaitable[RequestOutput]]
