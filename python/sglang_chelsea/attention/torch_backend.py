@@ -19,7 +19,7 @@ import torch
 
 from sglang_chelsea.attention.base_backend import AttentionBackend
 from sglang_chelsea.compression.base import Selection
-from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool
+from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool, head_rows
 from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch
 
 if TYPE_CHECKING:
@@ -146,8 +146,7 @@ class TorchNativeAttnBackend(AttentionBackend):
         kv_head = torch.arange(n_q, device=device) // (n_q // pool.num_kv_heads)
         slots = sel.slots if sel.slots.dim() == 2 else sel.slots.expand(n_q, -1)
         n = slots.shape[1]
-        # Row numbers in the [kv_heads * slots, dim] view: index_select, not 2-D indexing.
-        rows = (slots + (kv_head * (pool.size + 1))[:, None]).reshape(-1)
+        rows = head_rows(kv_head, slots, pool.size + 1)
         keys = pool.k_buffer[layer_id].view(-1, dim).index_select(0, rows).view(n_q, n, dim)
         values = pool.v_buffer[layer_id].view(-1, dim).index_select(0, rows).view(n_q, n, dim)
         bias = sel.log_weight

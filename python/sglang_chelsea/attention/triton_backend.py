@@ -9,6 +9,7 @@ weights are uniform, so Chelsea centroids count as their cluster sizes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -18,6 +19,7 @@ from sglang_chelsea.kernels.paged_attention_triton import (
     decode_attention,
     extend_attention,
 )
+from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool
 from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch
 
 
@@ -81,22 +83,27 @@ class TritonAttnBackend(AttentionBackend):
             kv_indices=indices.to(device, non_blocking=True),
             q_start=q_start.to(device, non_blocking=True), num_kv_splits=splits)
 
-    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
-                       forward_batch: ForwardBatch, scaling: float) -> torch.Tensor:
+    @staticmethod
+    def _store_new_kv(layer_id: int, forward_batch: ForwardBatch, k: torch.Tensor,
+                      v: torch.Tensor
+                      ) -> tuple[MHATokenToKVPool, TritonMetadata, Optional[torch.Tensor]]:
+        """Write the new tokens' K/V; return the pool, this pass's metadata and the layer's
+        slot weights (None when the policy keeps them uniform)."""
         pool = forward_batch.token_to_kv_pool
         pool.set_kv_buffer(layer_id, forward_batch.out_cache_loc, k, v)
-        meta: TritonMetadata = forward_batch.attn_metadata
         weights = None if pool.uniform_weights else pool.weight_buffer[layer_id]
+        return pool, forward_batch.attn_metadata, weights
+
+    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                       forward_batch: ForwardBatch, scaling: float) -> torch.Tensor:
+        pool, meta, weights = self._store_new_kv(layer_id, forward_batch, k, v)
         return decode_attention(q.contiguous(), pool.k_buffer[layer_id], pool.v_buffer[layer_id],
                                 weights, meta.kv_indptr, meta.kv_indices, scaling,
                                 num_kv_splits=meta.num_kv_splits)
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                        forward_batch: ForwardBatch, scaling: float) -> torch.Tensor:
-        pool = forward_batch.token_to_kv_pool
-        pool.set_kv_buffer(layer_id, forward_batch.out_cache_loc, k, v)
-        meta: TritonMetadata = forward_batch.attn_metadata
-        weights = None if pool.uniform_weights else pool.weight_buffer[layer_id]
+        pool, meta, weights = self._store_new_kv(layer_id, forward_batch, k, v)
         return extend_attention(q, k, v, pool.k_buffer[layer_id], pool.v_buffer[layer_id],
                                 weights, meta.kv_indptr, meta.kv_indices, meta.q_start,
                                 list(forward_batch.extend_seq_lens), scaling)

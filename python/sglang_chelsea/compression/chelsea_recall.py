@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from sglang_chelsea.compression.base import Selection, SlotSelector
+from sglang_chelsea.mem_cache.memory_pool import head_rows
 
 if TYPE_CHECKING:
     from sglang_chelsea.managers.schedule_batch import Req
@@ -156,11 +157,11 @@ class RecallSelector(SlotSelector):
         kv_head = torch.arange(n_q, device=dev) // (n_q // pool.num_kv_heads)
         row = self.table[req.req_pool_idx][:n_slots].to(torch.int64).to(dev)
         width = pool.size + 1
-        flat = (row + (kv_head * width)[:, None]).view(-1)
+        flat = head_rows(kv_head, row.expand(n_q, -1), width)
         log_w = torch.log(pool.weight_buffer[layer_id].view(-1).index_select(0, flat)
                           ).view(n_q, -1)  # [Hq, P]
         cent_pos = index.cent_pos.to(dev)
-        cent_rows = (row[cent_pos] + (kv_head * width)[:, None]).view(-1)
+        cent_rows = head_rows(kv_head, row[cent_pos].expand(n_q, -1), width)
         k_cent = pool.k_buffer[layer_id].view(-1, dim).index_select(0, cent_rows)
         k_cent = k_cent.view(n_q, -1, dim)  # [Hq, M, D]
         sizes = log_w[:, cent_pos].exp()  # [Hq, M]

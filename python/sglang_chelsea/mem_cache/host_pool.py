@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_chelsea.mem_cache.memory_pool import TokenToKVPoolAllocator
+from sglang_chelsea.mem_cache.memory_pool import TokenToKVPoolAllocator, head_rows
 
 
 class HostKVPool:
@@ -38,7 +38,7 @@ class HostKVPool:
         """K, V ``[rows, n, head_dim]`` of ``slots [rows, n]`` read from KV head
         ``kv_head[rows]`` (host tensors; the caller moves them to the device)."""
         rows, n = slots.shape
-        flat = (slots + (kv_head * (self.size + 1))[:, None]).view(-1)
+        flat = head_rows(kv_head, slots, self.size + 1)
         k = self.k_buffer[layer_id].view(-1, self.head_dim).index_select(0, flat)
         v = self.v_buffer[layer_id].view(-1, self.head_dim).index_select(0, flat)
         return k.view(rows, n, -1), v.view(rows, n, -1)

@@ -114,6 +114,13 @@ class MHATokenToKVPool:
             self.weight_buffer[layer_id].index_fill_(1, loc, 1.0)
 
 
+def head_rows(kv_head: torch.Tensor, slots: torch.Tensor, width: int) -> torch.Tensor:
+    """Flat row numbers of ``slots [rows, n]`` read from KV head ``kv_head[rows]`` in the
+    ``[kv_heads * width, ...]`` view of a head-major buffer (``width`` slots per head), for
+    one ``index_select`` (much cheaper than 2-D indexing on the CPU)."""
+    return (slots + (kv_head * width)[:, None]).reshape(-1)
+
+
 def kv_bytes_per_slot(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """Bytes one KV slot costs across all layers (K, V and the float32 weight)."""
     elem = torch.empty((), dtype=dtype).element_size()
