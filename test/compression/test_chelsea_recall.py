@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sglang_chelsea import Engine
+from utils.runtime import random_ids
 from sglang_chelsea.utils.long_context_tasks import passkey_prompt
 
 GREEDY = {"temperature": 0, "max_new_tokens": 40, "ignore_eos": True}
 
-
-def _ids(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(100, 40000, (n,), generator=g).tolist()
 
 
 def _engine(model_path: str, **kw) -> Engine:
@@ -27,7 +23,7 @@ def _engine(model_path: str, **kw) -> Engine:
 def test_budget_covering_everything_equals_the_full_cache(tiny_llama_dir: str) -> None:
     """Prefill chunks and decode steps recall every centroid's members (the budget covers
     them all), so every query attends to the raw tokens: the full cache's attention."""
-    ids = _ids(200, 0)
+    ids = random_ids(200, 0)
     full = Engine(model_path=tiny_llama_dir, max_total_tokens=3000, log_level="warning")
     want = full.generate(input_ids=ids, sampling_params=GREEDY, return_logprob=True)
     full.shutdown()
@@ -56,10 +52,10 @@ def test_radix_hit_reuses_recall_entries(tiny_llama_dir: str) -> None:
     # No raw recent chunk: the first request's prefix is compressed exactly as the hit sees it.
     engine = _engine(tiny_llama_dir, chelsea_recall_budget=16, chunked_prefill_size=64,
                      chelsea_recent_chunks=0)
-    prefix = _ids(160, 1)
-    a = engine.generate(input_ids=prefix + _ids(8, 2), sampling_params=GREEDY)
+    prefix = random_ids(160, 1)
+    a = engine.generate(input_ids=prefix + random_ids(8, 2), sampling_params=GREEDY)
     host_after_first = engine.get_server_info()["kv_cache"]["host_slots"]
-    b = engine.generate(input_ids=prefix + _ids(8, 2), sampling_params=GREEDY)
+    b = engine.generate(input_ids=prefix + random_ids(8, 2), sampling_params=GREEDY)
     assert b["meta_info"]["cached_tokens"] >= 128
     assert a["output_ids"] == b["output_ids"]
     # The hit added no host copies for the shared chunks (only the new ones, if any).

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sglang_chelsea import Engine
+from utils.runtime import random_ids
 from sglang_chelsea.attention.torch_backend import TorchNativeAttnBackend, masked_attention
 from sglang_chelsea.compression.base import Selection
 from sglang_chelsea.kernels.cluster_select import select_cluster_tokens
@@ -68,10 +69,6 @@ def test_selected_path_with_every_slot_equals_full_attention() -> None:
     assert torch.allclose(got, want, atol=1e-6)
 
 
-def _ids(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(100, 40000, (n,), generator=g).tolist()
-
 
 def _clusterkv(model_path: str, **kw) -> Engine:
     args = dict(model_path=model_path, max_total_tokens=4000, log_level="warning",
@@ -83,7 +80,7 @@ def _clusterkv(model_path: str, **kw) -> Engine:
 
 
 def test_budget_covering_the_context_equals_the_full_cache(tiny_llama_dir: str) -> None:
-    ids = _ids(300, 1)
+    ids = random_ids(300, 1)
     full = Engine(model_path=tiny_llama_dir, max_total_tokens=4000, log_level="warning")
     want = full.generate(input_ids=ids, sampling_params=GREEDY, return_logprob=True)
     full.shutdown()
@@ -99,13 +96,13 @@ def test_budget_covering_the_context_equals_the_full_cache(tiny_llama_dir: str) 
 
 def test_small_budget_selects_and_shared_prefix_is_clustered_once(tiny_llama_dir: str) -> None:
     engine = _clusterkv(tiny_llama_dir)
-    prefix = _ids(256, 2)
-    engine.generate(input_ids=prefix + _ids(20, 3), sampling_params=GREEDY)
+    prefix = random_ids(256, 2)
+    engine.generate(input_ids=prefix + random_ids(20, 3), sampling_params=GREEDY)
     kv = engine.get_server_info()["kv_cache"]
     assert kv["clustered_windows"] == 276 // 64  # 4 windows (decode adds none: 285 < 320)
     # Decode attended the budget, a fraction of the clustered tokens.
     assert 0 < kv["selected_share"] < 1
-    hit = engine.generate(input_ids=prefix + _ids(20, 4), sampling_params=GREEDY)
+    hit = engine.generate(input_ids=prefix + random_ids(20, 4), sampling_params=GREEDY)
     assert hit["meta_info"]["cached_tokens"] == 256
     kv2 = engine.get_server_info()["kv_cache"]
     assert kv2["reused_windows"] == 4  # the shared prefix's windows, not clustered again

@@ -5,16 +5,12 @@ On the CPU the kernels run through the Triton interpreter (TRITON_INTERPRET=1)."
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sglang_chelsea import Engine
+from utils.runtime import random_ids
 
 PARAMS = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
 
-
-def _ids(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(100, 40000, (n,), generator=g).tolist()
 
 
 def _run(model_path: str, backend: str, **kw) -> list[dict]:
@@ -22,9 +18,9 @@ def _run(model_path: str, backend: str, **kw) -> list[dict]:
                     log_level="warning", chunked_prefill_size=48, **kw)
     try:
         # Two prompts batched together, then one sharing the first's prefix (a radix hit).
-        first = engine.generate(input_ids=[_ids(150, 0), _ids(70, 1)],
+        first = engine.generate(input_ids=[random_ids(150, 0), random_ids(70, 1)],
                                 sampling_params=PARAMS, return_logprob=True)
-        hit = engine.generate(input_ids=_ids(150, 0)[:130] + _ids(20, 2),
+        hit = engine.generate(input_ids=random_ids(150, 0)[:130] + random_ids(20, 2),
                               sampling_params=PARAMS, return_logprob=True)
         return first + [hit]
     finally:
