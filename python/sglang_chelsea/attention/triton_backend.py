@@ -56,7 +56,9 @@ class TritonAttnBackend(AttentionBackend):
         self.fixed_splits = num_kv_splits
         self._num_sms = 0
 
-    def _splits(self, batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
+    def num_kv_splits(self, batch: int, kv_heads: int, max_len: int,
+                      device: torch.device) -> int:
+        """Decode splits of each slot list for this batch shape (the CUDA graphs use it too)."""
         if self.fixed_splits is not None:
             return self.fixed_splits
         if device.type != "cuda":
@@ -76,7 +78,7 @@ class TritonAttnBackend(AttentionBackend):
         if not decode and forward_batch.batch_size > 1:
             q_start[1:] = torch.cumsum(
                 torch.tensor(forward_batch.extend_seq_lens[:-1], dtype=torch.int64), 0)
-        splits = self._splits(forward_batch.batch_size, pool.num_kv_heads,
+        splits = self.num_kv_splits(forward_batch.batch_size, pool.num_kv_heads,
                               max(lengths, default=1), device) if decode else 1
         forward_batch.attn_metadata = TritonMetadata(
             kv_indptr=indptr.to(device, non_blocking=True),

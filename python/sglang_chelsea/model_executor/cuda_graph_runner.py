@@ -70,7 +70,7 @@ class CudaGraphRunner:
             req_pool_indices=[0] * bs, seq_lens=[1] * bs, extend_prefix_lens=[0] * bs,
             extend_seq_lens=[1] * bs, req_to_token_pool=mr.req_to_token_pool,
             token_to_kv_pool=pool, attn_backend=mr.attn_backend)
-        splits = mr.attn_backend._splits(bs, pool.num_kv_heads, mr.context_len, mr.device)
+        splits = mr.attn_backend.num_kv_splits(bs, pool.num_kv_heads, mr.context_len, mr.device)
         fb.attn_metadata = TritonMetadata(self.kv_indptr[:bs + 1], self.kv_indices,
                                           self.q_start[:bs], splits)
         return fb
