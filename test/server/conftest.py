@@ -9,13 +9,19 @@ import requests
 from utils.server_process import ServerProcess, launch_server_process
 
 
-@pytest.fixture(scope="package")
-def server(tmp_path_factory: pytest.TempPathFactory, default_model_path: str
-           ) -> Iterator[ServerProcess]:
-    log = tmp_path_factory.mktemp("server") / "server.log"
+def default_server(tmp_path_factory: pytest.TempPathFactory, name: str
+                   ) -> Iterator[ServerProcess]:
+    """A server on the default model with the tests' settings; stopped after the yield."""
+    log = tmp_path_factory.mktemp(name) / "server.log"
     srv = launch_server_process(["--max-total-tokens", "20000", "--num-threads", "1"], log)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="package")
+def server(tmp_path_factory: pytest.TempPathFactory, default_model_path: str
+           ) -> Iterator[ServerProcess]:
+    yield from default_server(tmp_path_factory, "server")
 
 
 @pytest.fixture(scope="package")

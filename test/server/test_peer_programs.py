@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from utils.server_process import ServerProcess
+
+from .conftest import default_server
 
 sgl = pytest.importorskip("sglang", reason="install the sglang wheel with --no-deps (make setup)")
 programs = pytest.importorskip("sglang.test.test_programs")
@@ -28,7 +32,16 @@ KNOWLEDGE_ASSERTING = ["test_few_shot_qa", "test_react"]
 
 
 @pytest.fixture(scope="module")
-def backend(url: str) -> Any:
+def peer_server(tmp_path_factory: pytest.TempPathFactory, default_model_path: str
+                ) -> Iterator[ServerProcess]:
+    """A server of its own, fresh as when the programs run alone (the package's shared
+    server has served other tests' batches by then)."""
+    yield from default_server(tmp_path_factory, "peer_server")
+
+
+@pytest.fixture(scope="module")
+def backend(peer_server: ServerProcess) -> Any:
+    url = peer_server.url
     from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
     backend = RuntimeEndpoint(url, chat_template_name="chatml")
