@@ -19,7 +19,7 @@ from sglang_chelsea.managers.generate_request import validate_tokenized_request
 from sglang_chelsea.managers.io_struct import ReqOutput, TokenizedGenerateReqInput
 from sglang_chelsea.managers.schedule_batch import Req
 from sglang_chelsea.managers.schedule_policy import SchedulePolicy
-from sglang_chelsea.mem_cache.radix_cache import RadixCache
+from sglang_chelsea.mem_cache.radix_cache import RadixCache, page_prefix_len
 from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 from sglang_chelsea.model_executor.model_runner import ModelRunner
 from sglang_chelsea.managers.token_processor import collect_input_logprobs, sample_batch
@@ -166,19 +166,35 @@ class Scheduler:
         if not self.waiting_queue:
             return batch
         self.policy.calc_priority(self.waiting_queue)
-        while self.waiting_queue and budget > 0 and self.chunked_req is None:
+        i = 0
+        while i < len(self.waiting_queue) and budget > 0 and self.chunked_req is None:
             if len(self.running) + len(batch) >= self.max_running_requests:
                 break
-            req = self.waiting_queue[0]
+            req = self.waiting_queue[i]
             if not self._admit(req):
                 break
+            if self._waits_for_inflight_prefix(req, batch):
+                self._unadmit(req)
+                i += 1
+                continue
             if not self._schedule_extend(req, budget, reserve + len(batch)):
                 self._unadmit(req)
                 break
-            self.waiting_queue.pop(0)
+            self.waiting_queue.pop(i)
+            self._record_admission(req)
             batch.append(req)
             budget -= req.extend_input_len
         return batch
+
+    def _waits_for_inflight_prefix(self, req: Req, inflight: list[Req]) -> bool:
+        """True when a request being prefilled in this batch shares more of ``req``'s prompt
+        than the radix tree holds: ``req`` waits a step and then hits the cached prefix
+        instead of prefilling the same pages twice (in-batch prefix sharing)."""
+        if self.tree_cache.disable:
+            return False
+        key = req.seq_ids()[: req.max_prefix_len()]
+        return any(page_prefix_len(key, other.seq_ids(), self.page_size) > req.logical_len
+                   for other in inflight)
 
     def _admit(self, req: Req) -> bool:
         """Give a waiting request a row and its cached prefix (locked)."""
@@ -189,7 +205,6 @@ class Scheduler:
         key = req.seq_ids()[: req.max_prefix_len()]
         match = self.tree_cache.match_prefix(key)
         logical = len(match.page_lens) * self.page_size
-        self.tree_cache.record_hit(len(req.origin_input_ids), logical)
         row = self.req_to_token_pool.req_to_token[idx]
         row[: match.physical_len] = match.value.to(row.dtype)
         self.tree_cache.inc_lock_ref(match.last_node)
@@ -199,9 +214,13 @@ class Scheduler:
         req.page_lens = list(match.page_lens)
         req.compressed_pages = len(match.page_lens) if self.kv_compressor is not None else 0
         req.shareable_pages = len(match.page_lens)
-        if req.cached_tokens is None:
-            req.cached_tokens = logical
         return True
+
+    def _record_admission(self, req: Req) -> None:
+        """Count an admitted request's cache hit (once, however often it was deferred)."""
+        self.tree_cache.record_hit(len(req.origin_input_ids), req.tree_len)
+        if req.cached_tokens is None:
+            req.cached_tokens = req.tree_len
 
     def _unadmit(self, req: Req) -> None:
         self.tree_cache.dec_lock_ref(req.last_node)
@@ -325,7 +344,9 @@ class Scheduler:
         """Compress completed chunks (if a policy is on), then share completed pages."""
         self._compress(reqs)
         for req in reqs:
-            if req.logical_len < req.seq_len() and not req.finished():
+            # After every chunk, the last included (as SGLang does): a request arriving while
+            # this one decodes hits its whole prompt, not only up to the last chunk boundary.
+            if not req.finished():
                 self.tree_cache.cache_unfinished_req(req)
 
     # ------------------------------------------------------------------ decode

@@ -25,6 +25,15 @@ _EMPTY = torch.empty((0,), dtype=torch.int64)
 _counter = itertools.count()
 
 
+def page_prefix_len(a: list[int], b: list[int], page_size: int) -> int:
+    """Length of the longest common prefix of ``a`` and ``b`` in whole pages."""
+    n = min(len(a), len(b))
+    i = 0
+    while i + page_size <= n and a[i:i + page_size] == b[i:i + page_size]:
+        i += page_size
+    return i
+
+
 class TreeNode:
     """A radix tree node: ``key`` tokens held by ``value`` slots, page by page."""
 
@@ -143,12 +152,7 @@ class RadixCache:
         self.hit_tokens += hit
 
     def _match_len(self, a: list[int], b: list[int]) -> int:
-        n = min(len(a), len(b))
-        i = 0
-        ps = self.page_size
-        while i + ps <= n and a[i:i + ps] == b[i:i + ps]:
-            i += ps
-        return i
+        return page_prefix_len(a, b, self.page_size)
 
     def _split_node(self, child: TreeNode, n: int) -> TreeNode:
         """Split ``child`` after ``n`` tokens (a page boundary); return the new upper node."""
