@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["KMeansResult", "cosine_kmeans"]
+__all__ = ["KMeansResult", "check_kmeans_args", "cosine_kmeans", "initial_centroids"]
 
 NORM_EPS = 1e-6
 
@@ -31,17 +31,29 @@ def _unit(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
-def cosine_kmeans(keys: Tensor, k: int, iters: int = 10) -> KMeansResult:
-    """Cluster each of the ``B`` rows of ``keys [B, n, D]`` into ``k <= n`` clusters."""
+def check_kmeans_args(keys: Tensor, k: int) -> None:
+    """Raise ValueError unless ``keys`` is ``[B, n, D]`` and ``1 <= k <= n``."""
     if keys.dim() != 3:
         raise ValueError(f"keys must be [B, n, D], got {tuple(keys.shape)}")
-    b, n, d = keys.shape
+    n = keys.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, n={n}], got {k}")
+
+
+def initial_centroids(x: Tensor, k: int) -> Tensor:
+    """The deterministic start: a copy of the ``k`` keys of ``x [B, n, D]`` evenly spaced
+    along the sequence."""
+    start = torch.linspace(0, x.shape[1] - 1, k, device=x.device).round().long()
+    return x[:, start].clone()
+
+
+def cosine_kmeans(keys: Tensor, k: int, iters: int = 10) -> KMeansResult:
+    """Cluster each of the ``B`` rows of ``keys [B, n, D]`` into ``k <= n`` clusters."""
+    check_kmeans_args(keys, k)
+    b, n, d = keys.shape
     x = keys.float()
     xn = _unit(x)
-    start = torch.linspace(0, n - 1, k, device=keys.device).round().long()
-    centroids = x[:, start].clone()
+    centroids = initial_centroids(x, k)
     labels = torch.zeros(b, n, dtype=torch.long, device=keys.device)
     flat = (labels + (torch.arange(b, device=keys.device) * k)[:, None]).view(-1)
     for _ in range(max(1, iters)):

@@ -91,6 +91,7 @@ class ServerArgs:
     clusterkv_sink_tokens: int = 16
     clusterkv_full_layers: int = 2
     clusterkv_kmeans_iters: int = 10
+    clusterkv_kernel: str = "torch"
 
     def __post_init__(self) -> None:
         self.check()
@@ -144,6 +145,9 @@ class ServerArgs:
             raise ValueError("chelsea_recall_budget must be >= 0 and hicache_ratio > 0")
         if self.chelsea_kernel not in ("torch", "triton"):
             raise ValueError(f"chelsea_kernel must be torch or triton, got {self.chelsea_kernel!r}")
+        if self.clusterkv_kernel not in ("torch", "triton"):
+            raise ValueError(
+                f"clusterkv_kernel must be torch or triton, got {self.clusterkv_kernel!r}")
         if self.streaming_window < 1:
             raise ValueError("streaming_window must be >= 1")
         if self.kv_compression == "clusterkv":
@@ -186,6 +190,10 @@ class ServerArgs:
         if self.attention_backend == "triton" and self.device == "cpu" \
                 and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("attention_backend 'triton' needs --device cuda "
+                             "(or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)")
+        if self.kv_compression == "clusterkv" and self.clusterkv_kernel == "triton" \
+                and self.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("clusterkv_kernel 'triton' needs --device cuda "
                              "(or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)")
         selecting = self.kv_compression == "clusterkv" or (
             self.kv_compression == "chelsea" and self.chelsea_recall_budget > 0)
@@ -317,6 +325,10 @@ class ServerArgs:
                        help="clusterkv: first layers attending to every token")
         g.add_argument("--clusterkv-kmeans-iters", type=int, default=d.clusterkv_kmeans_iters,
                        help="clusterkv: k-means iterations")
+        g.add_argument("--clusterkv-kernel", type=str, default=d.clusterkv_kernel,
+                       choices=["torch", "triton"],
+                       help="clusterkv: k-means and cluster selection as torch ops (CPU or "
+                            "GPU) or as Triton kernels (GPU; CPU only with TRITON_INTERPRET=1)")
         g.add_argument("--streaming-window", type=int, default=d.streaming_window,
                        help="streaming: recent tokens kept besides the sinks")
 

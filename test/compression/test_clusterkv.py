@@ -114,6 +114,26 @@ def test_small_budget_selects_and_shared_prefix_is_clustered_once(tiny_llama_dir
     engine.shutdown()
 
 
+def test_triton_kernels_give_the_torch_kernels_tokens(tiny_llama_dir: str) -> None:
+    # --clusterkv-kernel triton: k-means and selection as Triton kernels (through the
+    # interpreter on the CPU) select the same slots, so the tokens are the same.
+    prompts = [random_ids(256, 2) + random_ids(20, 3), random_ids(150, 5)]
+    runs = {}
+    for kernel in ("torch", "triton"):
+        engine = _clusterkv(tiny_llama_dir, clusterkv_kernel=kernel)
+        out = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
+        runs[kernel] = (out, engine.get_server_info()["kv_cache"])
+        engine.shutdown()
+    (want, kv_want), (got, kv_got) = runs["torch"], runs["triton"]
+    assert kv_got["clustered_windows"] == kv_want["clustered_windows"] == 276 // 64 + 150 // 64
+    assert kv_got["selected_share"] == kv_want["selected_share"] and 0 < kv_got["selected_share"] < 1
+    for a, b in zip(got, want):
+        assert a["output_ids"] == b["output_ids"]
+        lp_a = [x for x, _, _ in a["meta_info"]["output_token_logprobs"]]
+        lp_b = [x for x, _, _ in b["meta_info"]["output_token_logprobs"]]
+        assert lp_a == pytest.approx(lp_b, abs=1e-5)
+
+
 def test_clusterkv_passkey_at_a_20_percent_budget(default_model_path: str) -> None:
     engine = Engine(model_path=default_model_path, max_total_tokens=5000, log_level="warning",
                     kv_compression="clusterkv", clusterkv_budget=400)
@@ -132,3 +152,15 @@ def test_clusterkv_flags_are_checked() -> None:
     with pytest.raises(ValueError, match="multiple of the page size"):
         ServerArgs(kv_compression="clusterkv", clusterkv_window=100)
     assert math.isclose(ServerArgs(kv_compression="clusterkv").clusterkv_budget, 2048)
+    with pytest.raises(ValueError, match="clusterkv_kernel must be torch or triton"):
+        ServerArgs(kv_compression="clusterkv", clusterkv_kernel="cuda")
+
+
+def test_clusterkv_triton_kernel_on_cpu_without_interpreter_is_a_clear_error(monkeypatch) -> None:
+    from sglang_chelsea.server_args import ServerArgs
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="clusterkv_kernel 'triton' needs --device cuda"):
+        ServerArgs(kv_compression="clusterkv", clusterkv_kernel="triton", device="cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ServerArgs(kv_compression="clusterkv", clusterkv_kernel="triton", device="cpu")

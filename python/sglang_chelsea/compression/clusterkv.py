@@ -8,6 +8,9 @@ tokens are never clustered. At each decode step every query head scores its KV h
 centroids by ``q . centroid`` and attends to: the sinks, the tokens of its best clusters up
 to ``--clusterkv-budget`` tokens, and the not-yet-clustered tail (the recent window,
 including the new token). The first ``--clusterkv-full-layers`` layers attend to everything.
+``--clusterkv-kernel triton`` runs the k-means and the per-head selection as Triton kernels
+(``kernels/kmeans_triton.py``, ``kernels/cluster_select_triton.py``; same results as the
+torch references).
 
 A window's index belongs to the slots it was built from: it is kept in a table keyed by
 its first slot, so a request whose radix hit covers the window reuses it instead of
@@ -53,6 +56,9 @@ class ReqIndex:
     slots: Optional[torch.Tensor] = None  # [n] clustered slots, in row order
     centroids: Optional[torch.Tensor] = None  # [L', kv_heads, K, D]
     labels: Optional[torch.Tensor] = None  # [L', kv_heads, n], global cluster ids
+    # Triton selection only: cluster sizes [L', kv_heads, K] and each token's index in its
+    # cluster [L', kv_heads, n] (query-independent, so computed once per concatenation).
+    members: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class ClusterKVPolicy(KVCompressor):
@@ -66,6 +72,14 @@ class ClusterKVPolicy(KVCompressor):
         self.sink_tokens = server_args.clusterkv_sink_tokens
         self.full_layers = server_args.clusterkv_full_layers
         self.iters = server_args.clusterkv_kmeans_iters
+        self.triton = server_args.clusterkv_kernel == "triton"
+        self.kmeans = cosine_kmeans
+        self.select_tokens = select_cluster_tokens
+        if self.triton:
+            from sglang_chelsea.kernels.cluster_select_triton import select_cluster_tokens_triton
+            from sglang_chelsea.kernels.kmeans_triton import cosine_kmeans_triton
+            self.kmeans = cosine_kmeans_triton
+            self.select_tokens = select_cluster_tokens_triton
         self.windows: dict[int, WindowIndex] = {}
         self.next_id = 0
         self.pool: Optional["MHATokenToKVPool"] = None
@@ -159,7 +173,7 @@ class ClusterKVPolicy(KVCompressor):
             n_l, n_h, n_w = len(layers), pool.num_kv_heads, len(positions)
             keys = keys.view(n_l, n_h, n_w, n, -1).transpose(1, 2)  # [L', W, H, n, D]
             k = max(1, min(n, round(n / self.tokens_per_cluster)))
-            res = cosine_kmeans(keys.reshape(-1, n, keys.shape[-1]), k, self.iters)
+            res = self.kmeans(keys.reshape(-1, n, keys.shape[-1]), k, self.iters)
             cents = res.centroids.view(n_l, n_w, n_h, k, -1)
             labels = res.labels.view(n_l, n_w, n_h, n)
             for j, p in enumerate(positions):
@@ -182,6 +196,9 @@ class ClusterKVPolicy(KVCompressor):
         state.slots = torch.cat([w.slots for w in windows])
         state.centroids = torch.cat([w.centroids for w in windows], dim=2)
         state.labels = torch.cat([w.labels + off for w, off in zip(windows, offsets)], dim=2)
+        if self.triton:
+            from sglang_chelsea.kernels.cluster_select_triton import cluster_members
+            state.members = cluster_members(state.labels, total)
 
     # ------------------------------------------------------------------ selection
     def make_selector(self, scheduler: "Scheduler", reqs: list["Req"]) -> Optional[SlotSelector]:
@@ -214,7 +231,13 @@ class ClusterKVSelector(SlotSelector):
         t0 = time.perf_counter()
         layer = layer_id - policy.full_layers
         q = q[0]
-        pos = select_cluster_tokens(q, state.centroids[layer], state.labels[layer], policy.budget)
+        if state.members is not None:
+            sizes, within = state.members
+            pos = policy.select_tokens(q, state.centroids[layer], state.labels[layer],
+                                       policy.budget, (sizes[layer], within[layer]))
+        else:
+            pos = policy.select_tokens(q, state.centroids[layer], state.labels[layer],
+                                       policy.budget)
         row = self.table[req.req_pool_idx]
         n_q = q.shape[0]
         fixed = torch.cat([row[:policy.sink_tokens], row[state.end:n_slots]]).to(torch.int64)
