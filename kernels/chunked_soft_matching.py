@@ -149,17 +149,20 @@ def chunked_soft_matching(
     row_base = (torch.arange(n * h, device=dev) * c).view(n, h, 1)
     k_rows, v_rows, s_rows = ksum.view(-1, d), vsum.view(-1, vsum.shape[-1]), size.view(-1)
 
+    # Unit directions of the centroid keys, refreshed only for the rows a round changed.
+    unit_rows = _normalized(k_rows)
+
     rounds = 0
     while max_rounds is None or rounds < max_rounds:
         eligible = alive & ~prot
-        parity = (torch.cumsum(eligible, dim=-1) - 1) % 2
-        a_idx, a_valid = _positions_of(eligible & (parity == 0), pos)
-        b_idx, b_valid = _positions_of(eligible & (parity == 1), pos)
+        rank = torch.cumsum(eligible, dim=-1) - 1
+        a_idx, a_valid = _positions_of(eligible & (rank % 2 == 0), rank // 2)
+        b_idx, b_valid = _positions_of(eligible & (rank % 2 == 1), rank // 2)
         if b_idx.shape[-1] == 0:
             break
 
-        ka = _normalized(_select_rows(k_rows, a_idx + row_base))
-        kb = _normalized(_select_rows(k_rows, b_idx + row_base))
+        ka = _select_rows(unit_rows, a_idx + row_base)
+        kb = _select_rows(unit_rows, b_idx + row_base)
         sim = torch.matmul(ka, kb.transpose(-1, -2)).masked_fill_(~b_valid[..., None, :], -inf)
         best, best_j = sim.max(dim=-1)  # first maximum = lowest B position
         partner = b_idx.gather(2, best_j)
@@ -181,26 +184,35 @@ def chunked_soft_matching(
             moved = acc.index_select(0, src)
             acc.index_fill_(0, src, 0.0)
             acc.index_add_(0, dst, moved)
+        changed = torch.unique(dst)
+        unit_rows.index_copy_(0, changed, _normalized(k_rows.index_select(0, changed)))
 
         alive.view(-1).index_fill_(0, src, False)
-        target_of = pos.expand(n, h, c).scatter(2, a_idx, torch.where(sel_a, partner, a_idx))
+        target_of = pos.expand(n, h, c).clone()
+        target_of.view(-1).index_copy_(0, src, partner[sel_a])
         root = target_of.gather(2, root)
         rounds += 1
 
     return _compact(keys.dtype, values.dtype, ksum, vsum, size, alive, root)
 
 
-def _positions_of(mask: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+def _positions_of(mask: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
     """Positions where ``mask`` is set, in increasing order, padded to the batch maximum.
 
-    Returns ``(idx, valid)`` of shape ``[N, H, W]`` with ``W = max(mask.sum(-1))``; the
-    padding entries hold distinct positions where ``mask`` is False (``valid`` False), so
-    ``idx`` never repeats a position within a row.
+    ``rank`` holds each set position's index among the set ones of its row. Returns
+    ``(idx, valid)`` of shape ``[N, H, W]`` with ``W = max(mask.sum(-1))``; padding entries
+    (``valid`` False) hold position 0.
     """
-    width = int(mask.sum(dim=-1).max())
-    key = torch.where(mask, pos, pos + mask.shape[-1])
-    idx = torch.sort(key, dim=-1).indices[..., :width]
-    return idx, mask.gather(2, idx)
+    n, h, c = mask.shape
+    counts = mask.sum(dim=-1)
+    width = int(counts.max())
+    flat = mask.view(-1)
+    dest = (rank + (torch.arange(n * h, device=mask.device) * width).view(n, h, 1)).view(-1)
+    pos = torch.arange(c, device=mask.device).expand(n, h, c).reshape(-1)
+    idx = torch.zeros(n * h * width, dtype=torch.int64, device=mask.device)
+    idx.index_copy_(0, dest[flat], pos[flat])
+    valid = torch.arange(width, device=mask.device) < counts[..., None]
+    return idx.view(n, h, width), valid
 
 
 def _select_rows(x: Tensor, rows: Tensor) -> Tensor:
