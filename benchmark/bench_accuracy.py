@@ -8,8 +8,12 @@ Policy specs: ``none``; ``chelsea:keep=R,round=F,sim=S,chunk=C,bias=0|1,sink=N,r
 ``chelsea:...,recall=N`` adds recall of N raw tokens per query head from the host tier;
 ``clusterkv:keep=R,tpc=T,window=W,sink=N,full=F`` (a decode budget of R x context tokens);
 ``streaming:keep=R`` (sinks + a recent window of R x context tokens: the same memory as
-Chelsea at keep R). Prompts are prefilled one chunk per step, so a question never sees
-raw context that a policy would compress (the question is fed after compression).
+Chelsea at keep R); ``snapkv:keep=R,window=W,kernel=K`` (when prefill ends, the last W
+prompt tokens pick R x context - W earlier tokens per layer and KV head: R x context slots
+in all, streaming's memory at keep R) or ``snapkv:budget=N,window=W`` (N tokens picked).
+Prompts are prefilled one chunk per step, so a question never sees raw context that a
+policy would compress (the question is fed after compression), except with SnapKV, which
+compresses once the whole prompt, question included, is in: the question picks.
 
 Tasks:
 - passkey: the plain passkey prompt of environment.md, ``--num-keys`` keys at evenly
@@ -65,6 +69,12 @@ class Policy:
         if self.name == "streaming":
             return {"kv_compression": "streaming", "chelsea_chunk_size": self.args.get("chunk", 128),
                     "streaming_window": max(1, int(self.keep * context_len))}
+        if self.name == "snapkv":
+            window = int(self.args.get("window", 32))
+            budget = int(self.args.get("budget", int(self.keep * context_len) - window))
+            return {"kv_compression": "snapkv", "chelsea_chunk_size": int(self.args.get("chunk", 128)),
+                    "snapkv_budget": max(1, budget), "snapkv_window": window,
+                    "snapkv_kernel_size": int(self.args.get("kernel", 7))}
         if self.name == "clusterkv":
             return {"kv_compression": "clusterkv",
                     "clusterkv_budget": max(1, int(self.keep * context_len)),
@@ -86,7 +96,7 @@ class Policy:
 
 def parse_policy(spec: str) -> Policy:
     name, _, rest = spec.partition(":")
-    if name not in ("none", "chelsea", "clusterkv", "streaming"):
+    if name not in ("none", "chelsea", "clusterkv", "streaming", "snapkv"):
         raise ValueError(f"unknown policy {name!r} in {spec!r}")
     args: dict[str, Any] = {}
     for part in filter(None, rest.split(",")):

@@ -1,16 +1,16 @@
 """KL vs the full cache measured through decode steps (for policies that act at decode).
 
     python benchmark/bench_decode_kl.py --policies chelsea:keep=0.2 \
-        chelsea:keep=0.2,recall=256 clusterkv:keep=0.2 streaming:keep=0.2 \
+        chelsea:keep=0.2,recall=256 clusterkv:keep=0.2 streaming:keep=0.2 snapkv:keep=0.2 \
         --prefix-len 3584 --decode-tokens 256 --output results/decode_kl.json
 
 The first ``--prefix-len`` tokens of a real English text are prefilled (chunk by chunk, so
 each policy compresses as it goes); the next ``--decode-tokens`` tokens are then fed one per
 decode step (teacher forcing: the sampler is replaced by the text's next token), so
-ClusterKV's selection and Chelsea's recall take part, which a prefill-only measurement
-(bench_accuracy.py's ``kl`` task) cannot show. Each step's next-token distribution is
-compared with the full cache's at the same position: mean KL, top-1 agreement, perplexity.
-Policy specs are bench_accuracy.py's.
+ClusterKV's selection, Chelsea's recall and SnapKV's eviction (when prefill ends) take part,
+which a prefill-only measurement (bench_accuracy.py's ``kl`` task) cannot show. Each step's
+next-token distribution is compared with the full cache's at the same position: mean KL,
+top-1 agreement, perplexity. Policy specs are bench_accuracy.py's.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-KV_COMPRESSION_CHOICES = ("none", "chelsea", "clusterkv", "streaming")
+KV_COMPRESSION_CHOICES = ("none", "chelsea", "clusterkv", "snapkv", "streaming")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKEND_CHOICES = ("auto", "torch", "triton", "flashinfer")
 LOAD_FORMAT_CHOICES = ("auto", "dummy")
@@ -92,12 +92,15 @@ class ServerArgs:
     clusterkv_full_layers: int = 2
     clusterkv_kmeans_iters: int = 10
     clusterkv_kernel: str = "torch"
+    snapkv_budget: int = 1024
+    snapkv_window: int = 32
+    snapkv_kernel_size: int = 7
 
     def __post_init__(self) -> None:
         self.check()
         self._resolve_auto()
-        if self.kv_compression == "streaming":
-            # Evicted pages depend on later tokens: they cannot be shared by prefix.
+        if self.kv_compression in ("streaming", "snapkv"):
+            # What is evicted depends on later tokens: the rest cannot be shared by prefix.
             self.disable_radix_cache = True
 
     def check(self) -> None:
@@ -152,6 +155,7 @@ class ServerArgs:
             raise ValueError("streaming_window must be >= 1")
         if self.kv_compression == "clusterkv":
             self._check_clusterkv()
+        self._check_snapkv()
         if self.tp_size < 1 or self.dp_size < 1:
             raise ValueError("tp_size and dp_size must be >= 1")
         if self.dp_size > 1 and self.api_key:
@@ -177,6 +181,18 @@ class ServerArgs:
                self.clusterkv_kmeans_iters) < 1 or self.clusterkv_full_layers < 0:
             raise ValueError("clusterkv_budget, clusterkv_tokens_per_cluster and "
                              "clusterkv_kmeans_iters must be >= 1, clusterkv_full_layers >= 0")
+
+    def _check_snapkv(self) -> None:
+        if self.snapkv_budget < 1:
+            raise ValueError(f"snapkv_budget must be >= 1, got {self.snapkv_budget}")
+        if self.snapkv_window < 1:
+            raise ValueError(f"snapkv_window must be >= 1, got {self.snapkv_window}")
+        if self.snapkv_kernel_size < 1 or self.snapkv_kernel_size % 2 == 0:
+            raise ValueError("snapkv_kernel_size must be odd and >= 1 (a centred pooling "
+                             f"window), got {self.snapkv_kernel_size}")
+        if self.kv_compression == "snapkv" and self.tp_size > 1:
+            raise ValueError("snapkv does not support --tp-size > 1 yet (the observation "
+                             "queries are captured on rank 0 only)")
 
     def _resolve_auto(self) -> None:
         """Pick the device (cuda when a GPU is present), its dtype and attention backend."""
@@ -331,6 +347,14 @@ class ServerArgs:
                             "GPU) or as Triton kernels (GPU; CPU only with TRITON_INTERPRET=1)")
         g.add_argument("--streaming-window", type=int, default=d.streaming_window,
                        help="streaming: recent tokens kept besides the sinks")
+        g.add_argument("--snapkv-budget", type=int, default=d.snapkv_budget,
+                       help="snapkv: prompt tokens kept per layer and KV head at the end of "
+                            "prefill, besides the observation window")
+        g.add_argument("--snapkv-window", type=int, default=d.snapkv_window,
+                       help="snapkv: last prompt tokens whose queries score the rest (kept raw)")
+        g.add_argument("--snapkv-kernel-size", type=int, default=d.snapkv_kernel_size,
+                       help="snapkv: max-pooling width smoothing the scores along positions "
+                            "(odd)")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":

@@ -126,7 +126,9 @@ DIGITS = r"[0-9]{3}-[a-z]{2,5}( [a-z]+)?"
 
 @pytest.mark.parametrize("kv", [{"kv_compression": "none"},
                                 {"kv_compression": "chelsea", "chelsea_chunk_size": 16},
-                                {"kv_compression": "streaming", "streaming_window": 16}])
+                                {"kv_compression": "streaming", "streaming_window": 16},
+                                {"kv_compression": "snapkv", "chelsea_chunk_size": 16,
+                                 "snapkv_budget": 16, "snapkv_window": 8}])
 def test_grammar_holds_for_a_random_model_with_every_kv_policy(tiny_llama_dir: str,
                                                                kv: dict[str, Any]) -> None:
     engine = Engine(model_path=tiny_llama_dir, max_total_tokens=4096, log_level="warning",

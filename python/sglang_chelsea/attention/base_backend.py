@@ -16,7 +16,8 @@ class AttentionBackend(ABC):
     The backend writes the new K/V into the pool at ``forward_batch.out_cache_loc`` and
     attends each request's queries to the slots listed in its ``req_to_token`` row:
     the cached prefix (with each slot's log-weight added to its logit, per KV head) and
-    the new tokens causally.
+    the new tokens causally. In extend, a KV policy's ``query_observer`` (if any) sees the
+    queries first, whatever the backend.
     """
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
@@ -26,6 +27,8 @@ class AttentionBackend(ABC):
                 forward_batch: ForwardBatch, scaling: float) -> torch.Tensor:
         if forward_batch.forward_mode.is_decode():
             return self.forward_decode(q, k, v, layer_id, forward_batch, scaling)
+        if forward_batch.query_observer is not None:
+            forward_batch.query_observer.observe(layer_id, q, scaling)
         return self.forward_extend(q, k, v, layer_id, forward_batch, scaling)
 
     @abstractmethod

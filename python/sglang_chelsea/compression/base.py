@@ -37,6 +37,11 @@ class KVCompressor(ABC):
         """For a decode batch: the per-head slot selection (None: attend to every slot)."""
         return None
 
+    def make_query_observer(self, scheduler: Scheduler, reqs: list[Req]
+                            ) -> QueryObserver | None:
+        """For an extend batch: what receives the layers' queries (None: nothing does)."""
+        return None
+
     @abstractmethod
     def compress_reqs(self, scheduler: "Scheduler", reqs: list["Req"],
                       finishing: bool = False) -> None:
@@ -79,6 +84,16 @@ class SlotSelector(ABC):
         queries ``q [T, q_heads, head_dim]`` (T = 1 at decode); None: all of those slots."""
 
 
+class QueryObserver(ABC):
+    """Per extend pass: sees each layer's post-RoPE queries before attention (SnapKV
+    scores the prompt with its last tokens' queries, which the pool does not keep)."""
+
+    @abstractmethod
+    def observe(self, layer_id: int, q: torch.Tensor, scaling: float) -> None:
+        """``q [T, q_heads, head_dim]``: the whole batch's new tokens, in batch order;
+        ``scaling``: the layer's softmax scale."""
+
+
 def page_slots(scheduler: "Scheduler", req: "Req", page: int) -> "torch.Tensor":
     """The slots that hold completed page ``page`` of ``req`` (int64)."""
     start = sum(req.page_lens[:page])
@@ -86,16 +101,21 @@ def page_slots(scheduler: "Scheduler", req: "Req", page: int) -> "torch.Tensor":
     return row[start:start + req.page_lens[page]].to(torch.int64)
 
 
+def shrink_run(scheduler: Scheduler, req: Req, start: int, c: int, m: int) -> None:
+    """Of the ``c`` slots at row position ``start``, keep the first ``m``, free the rest and
+    close the gap in the row (``req.physical_len`` follows; ``page_lens`` is the caller's)."""
+    if m >= c:
+        return
+    row = scheduler.req_to_token_pool.req_to_token[req.req_pool_idx]
+    scheduler.allocator.free(row[start + m:start + c].to(torch.int64))
+    tail = row[start + c:req.physical_len].clone()
+    row[start + m:start + m + tail.numel()] = tail
+    req.physical_len -= c - m
+
+
 def shrink_page(scheduler: "Scheduler", req: "Req", page: int, m: int) -> None:
     """Keep the first ``m`` slots of a page, free the rest, close the gap in the row."""
-    row = scheduler.req_to_token_pool.req_to_token[req.req_pool_idx]
-    start = sum(req.page_lens[:page])
-    c = req.page_lens[page]
-    if m < c:
-        scheduler.allocator.free(row[start + m:start + c].to(torch.int64))
-        tail = row[start + c:req.physical_len].clone()
-        row[start + m:start + m + tail.numel()] = tail
-        req.physical_len -= c - m
+    shrink_run(scheduler, req, sum(req.page_lens[:page]), req.page_lens[page], m)
     req.page_lens[page] = m
 
 
@@ -117,7 +137,12 @@ def create_compressor(server_args: "ServerArgs") -> Optional[KVCompressor]:
     if name == "none":
         return None
     # Importing the policy modules registers them.
-    from sglang_chelsea.compression import chelsea, clusterkv, streaming  # noqa: F401
+    from sglang_chelsea.compression import (  # noqa: F401
+        chelsea,
+        clusterkv,
+        snapkv,
+        streaming,
+    )
 
     if name not in _REGISTRY:
         raise ValueError(

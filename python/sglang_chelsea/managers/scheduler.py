@@ -286,6 +286,7 @@ class Scheduler:
             logits_rows=torch.tensor(rows or [0], dtype=torch.int64))
         if self.kv_compressor is not None:
             fb.slot_selector = self.kv_compressor.make_selector(self, reqs)
+            fb.query_observer = self.kv_compressor.make_query_observer(self, reqs)
         logits = self.model_runner.forward(fb)
         self.forward_ct += 1
         to_sample: list[Req] = []

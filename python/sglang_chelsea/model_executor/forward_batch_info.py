@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 if TYPE_CHECKING:
-    from sglang_chelsea.compression.base import SlotSelector
+    from sglang_chelsea.compression.base import QueryObserver, SlotSelector
     from sglang_chelsea.attention.base_backend import AttentionBackend
     from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
@@ -53,6 +53,8 @@ class ForwardBatch:
     attn_metadata: Any = None
     # Decode with a selecting KV policy (ClusterKV): per-head slot lists per request.
     slot_selector: Optional["SlotSelector"] = None
+    # Extend with a policy that scores with queries (SnapKV): sees each layer's queries.
+    query_observer: QueryObserver | None = None
     extras: dict = field(default_factory=dict)
 
     def to(self, device: torch.device) -> None:

@@ -1,0 +1,25 @@
+"""bench_accuracy.py's policy specs become the engine flags they claim (one parser for all)."""
+
+from __future__ import annotations
+
+import pytest
+from bench_accuracy import parse_policy
+from sglang_chelsea.server_args import ServerArgs
+
+
+def test_snapkv_spec_by_share_or_by_budget() -> None:
+    # keep=R: R x context slots in all (budget + window), as streaming:keep=R holds.
+    args = parse_policy("snapkv:keep=0.2").engine_args(4096)
+    assert args == {"kv_compression": "snapkv", "chelsea_chunk_size": 128,
+                    "snapkv_budget": 819 - 32, "snapkv_window": 32, "snapkv_kernel_size": 7}
+    stream = parse_policy("streaming:keep=0.2").engine_args(4096)
+    assert args["snapkv_budget"] + args["snapkv_window"] == stream["streaming_window"]
+    args = parse_policy("snapkv:budget=500,window=16,kernel=5").engine_args(4096)
+    assert (args["snapkv_budget"], args["snapkv_window"], args["snapkv_kernel_size"]) == \
+        (500, 16, 5)
+    ServerArgs(device="cpu", **args)  # valid flags
+
+
+def test_unknown_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown policy"):
+        parse_policy("h2o:keep=0.2")
