@@ -38,7 +38,8 @@ def forced_decode_logprobs(engine: Engine, ids: list[int], prefix_len: int
     host-tier slots in use during the decode."""
     forced = ids[prefix_len:]
     rows: list[torch.Tensor] = []
-    mem = {"peak_device_slots": 0, "peak_host_slots": 0, "peak_device_kv_bytes": 0}
+    mem = {"peak_device_slots": 0, "peak_host_slots": 0, "peak_device_kv_bytes": 0,
+           "working_set_bytes": 0, "steps": 0}
     original = scheduler_module.sample_batch
 
     def sample(scheduler: Any, reqs: list, logits: torch.Tensor) -> None:
@@ -51,6 +52,9 @@ def forced_decode_logprobs(engine: Engine, ids: list[int], prefix_len: int
             # --kv-offload: pool + decode working set + cluster index, in bytes.
             mem["peak_device_kv_bytes"] = max(mem["peak_device_kv_bytes"],
                                               stats.get("device_kv_bytes", 0))
+            if stats.get("device_working_set_bytes"):  # a decode step read the host tier
+                mem["working_set_bytes"] += stats["device_working_set_bytes"]
+                mem["steps"] += 1
         rows.append(torch.log_softmax(logits[0].float().cpu(), dim=-1))
         req.output_ids.append(forced[len(req.output_ids)])
         req.check_finished(scheduler.context_len, scheduler.tokenizer)
@@ -109,6 +113,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                 # cache's bytes for the same tokens.
                 "peak_device_kv_fraction": round(mem["peak_device_kv_bytes"] / full_bytes, 4),
                 "decode_copied_bytes_per_step": round(kv["decode_host_to_device_bytes"] / steps),
+                # What the step attended from the host tier (what a step would copy with no
+                # rows kept resident between steps).
+                "mean_working_set_bytes": round(mem["working_set_bytes"] / max(1, mem["steps"])),
                 "prefill_copied_bytes": (kv["host_to_device_bytes"]
                                          - kv["decode_host_to_device_bytes"]),
                 "full_cache_bytes": full_bytes})
