@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -69,19 +69,19 @@ class ReqIndex:
 
     window_ids: list[int] = field(default_factory=list)
     end: int = 0  # row position where the clustered part ends (the unclustered tail starts)
-    key_pos: Optional[torch.Tensor] = None  # [W] row position of each window's first key slot
-    key_slots: Optional[torch.Tensor] = None  # [W] those slots when the index was built
-    slots: Optional[torch.Tensor] = None  # [n] clustered tokens' slots, in row order
-    centroids: Optional[torch.Tensor] = None  # [L', kv_heads, K, D]
-    labels: Optional[torch.Tensor] = None  # [L', kv_heads, n], global cluster ids
-    on_host: Optional[torch.Tensor] = None  # [n] bool, None when no window is offloaded
+    key_pos: torch.Tensor | None = None  # [W] row position of each window's first key slot
+    key_slots: torch.Tensor | None = None  # [W] those slots when the index was built
+    slots: torch.Tensor | None = None  # [n] clustered tokens' slots, in row order
+    centroids: torch.Tensor | None = None  # [L', kv_heads, K, D]
+    labels: torch.Tensor | None = None  # [L', kv_heads, n], global cluster ids
+    on_host: torch.Tensor | None = None  # [n] bool, None when no window is offloaded
     all_host: bool = False  # every window is offloaded
 
 
 class ClusterKVPolicy(KVCompressor):
     """Cluster completed windows; select per query head at decode."""
 
-    def __init__(self, server_args: "ServerArgs") -> None:
+    def __init__(self, server_args: ServerArgs) -> None:
         self.page = server_args.effective_page_size
         self.window = server_args.clusterkv_window
         self.tokens_per_cluster = server_args.clusterkv_tokens_per_cluster
@@ -92,20 +92,20 @@ class ClusterKVPolicy(KVCompressor):
         self.offload = server_args.kv_offload
         self.windows: dict[int, WindowIndex] = {}
         self.next_id = 0
-        self.pool: Optional["MHATokenToKVPool"] = None
-        self.allocator: Optional["TokenToKVPoolAllocator"] = None
-        self.window_of_slot: Optional[torch.Tensor] = None
-        self.host: Optional["HostKVPool"] = None
+        self.pool: MHATokenToKVPool | None = None
+        self.allocator: TokenToKVPoolAllocator | None = None
+        self.window_of_slot: torch.Tensor | None = None
+        self.host: HostKVPool | None = None
         # Host -> device links: decode working sets, and prefill chunks' streamed reads.
-        self.decode_link: Optional[HostReader] = None
-        self.prefill_link: Optional[HostReader] = None
-        self.last_link: Optional[HostReader] = None
+        self.decode_link: HostReader | None = None
+        self.prefill_link: HostReader | None = None
+        self.last_link: HostReader | None = None
         self.working_sets: dict[int, DeviceWorkingSet] = {}  # id(req) -> its working set
         self.reset()
 
     # ------------------------------------------------------------------ lifetime
-    def bind(self, pool: "MHATokenToKVPool", allocator: "TokenToKVPoolAllocator",
-             host_pool: Optional["HostKVPool"] = None) -> None:
+    def bind(self, pool: MHATokenToKVPool, allocator: TokenToKVPoolAllocator,
+             host_pool: HostKVPool | None = None) -> None:
         self.pool = pool
         self.allocator = allocator
         self.window_of_slot = torch.full((pool.size + 1,), -1, dtype=torch.int64)
@@ -199,7 +199,7 @@ class ClusterKVPolicy(KVCompressor):
             "offload_decode_steps": self.offload_decode_steps,
         }
 
-    def working_set(self, req: "Req") -> DeviceWorkingSet:
+    def working_set(self, req: Req) -> DeviceWorkingSet:
         ws = self.working_sets.get(id(req))
         if ws is None:
             assert self.decode_link is not None
@@ -207,7 +207,7 @@ class ClusterKVPolicy(KVCompressor):
         return ws
 
     # ------------------------------------------------------------------ clustering
-    def compress_reqs(self, scheduler: "Scheduler", reqs: list["Req"],
+    def compress_reqs(self, scheduler: Scheduler, reqs: list[Req],
                       finishing: bool = False) -> None:
         for req in reqs:
             req.compressed_pages = len(req.page_lens)  # pages are never rewritten
@@ -216,7 +216,7 @@ class ClusterKVPolicy(KVCompressor):
             for req in reqs:
                 self.working_sets.pop(id(req), None)
 
-    def _index(self, scheduler: "Scheduler", reqs: list["Req"], cluster: bool) -> None:
+    def _index(self, scheduler: Scheduler, reqs: list[Req], cluster: bool) -> None:
         """Bring each request's index up to its completed windows: reuse the indexed ones
         (radix hits), cluster the new ones when ``cluster`` (else stop at the first: its
         tokens stay in the raw tail), and offload them. A request whose row no longer holds
@@ -224,7 +224,7 @@ class ClusterKVPolicy(KVCompressor):
         is indexed again."""
         pages_per_window = self.window // self.page
         table = scheduler.req_to_token_pool.req_to_token
-        jobs: list[tuple["Req", int, torch.Tensor, bool]] = []  # (req, window, slots, raw)
+        jobs: list[tuple[Req, int, torch.Tensor, bool]] = []  # (req, window, slots, raw)
         for req in reqs:
             row = table[req.req_pool_idx]
             state = req.kv_policy_state
@@ -250,7 +250,7 @@ class ClusterKVPolicy(KVCompressor):
             self._concat(req, table[req.req_pool_idx])
         self.cluster_time += time.perf_counter() - t0
 
-    def _valid(self, state: ReqIndex, req: "Req", row: torch.Tensor) -> bool:
+    def _valid(self, state: ReqIndex, req: Req, row: torch.Tensor) -> bool:
         if not state.window_ids:
             return True
         assert state.key_pos is not None and state.key_slots is not None
@@ -259,12 +259,12 @@ class ClusterKVPolicy(KVCompressor):
                 and state.end == sum(req.page_lens[:len(state.window_ids) * ppw])
                 and torch.equal(row[state.key_pos].to(torch.int64), state.key_slots))
 
-    def _build(self, scheduler: "Scheduler", jobs: list[tuple["Req", int, torch.Tensor, bool]],
-               cluster: bool) -> list[Optional[int]]:
+    def _build(self, scheduler: Scheduler, jobs: list[tuple[Req, int, torch.Tensor, bool]],
+               cluster: bool) -> list[int | None]:
         """Window ids for ``jobs``: reused when indexed already, else clustered (windows of
         equal length in one batched k-means; None when not ``cluster``) and offloaded."""
         assert self.pool is not None and self.window_of_slot is not None
-        ids: list[Optional[int]] = []
+        ids: list[int | None] = []
         todo: dict[int, list[int]] = {}  # length -> positions in jobs
         for pos, (_, _, slots, raw) in enumerate(jobs):
             wid = int(self.window_of_slot[slots[0]])
@@ -306,7 +306,7 @@ class ClusterKVPolicy(KVCompressor):
                 self._offload(scheduler, req, w, ids[p])  # type: ignore[arg-type]
         return ids
 
-    def _offload(self, scheduler: "Scheduler", req: "Req", w: int, wid: int) -> None:
+    def _offload(self, scheduler: Scheduler, req: Req, w: int, wid: int) -> None:
         """Move window ``w`` of ``req`` (just clustered) to the host tier: its device slots
         are freed but the first clustered one, kept as the window's handle. If the host tier
         is full even after evicting the radix cache's unlocked pages, the window stays on
@@ -329,7 +329,7 @@ class ClusterKVPolicy(KVCompressor):
         lo = max(0, self.sink_tokens - w * self.window)
         shrink_page(scheduler, req, w, lo + 1)  # one page per window with offload
 
-    def _concat(self, req: "Req", row: torch.Tensor) -> None:
+    def _concat(self, req: Req, row: torch.Tensor) -> None:
         """Concatenate a request's windows (cluster ids offset per window)."""
         state: ReqIndex = req.kv_policy_state
         ppw = self.window // self.page
@@ -355,8 +355,8 @@ class ClusterKVPolicy(KVCompressor):
             [torch.full((w.slots.numel(),), w.on_host) for w in windows])
 
     # ------------------------------------------------------------------ selection
-    def make_selector(self, scheduler: "Scheduler", reqs: list["Req"], decode: bool
-                      ) -> Optional[SlotSelector]:
+    def make_selector(self, scheduler: Scheduler, reqs: list[Req], decode: bool
+                      ) -> SlotSelector | None:
         # Index what a radix hit brought in before attention reads the row (an offloaded
         # page's tokens are only reachable through its index).
         self._index(scheduler, reqs, cluster=False)
@@ -372,7 +372,7 @@ class ClusterKVSelector(SlotSelector):
     Offloaded window tokens are read from the host tier: through each request's working
     set at decode, streamed in prefill chunks."""
 
-    def __init__(self, policy: ClusterKVPolicy, scheduler: "Scheduler", reqs: list["Req"],
+    def __init__(self, policy: ClusterKVPolicy, scheduler: Scheduler, reqs: list[Req],
                  decode: bool) -> None:
         self.policy = policy
         self.reqs = reqs
@@ -393,10 +393,10 @@ class ClusterKVSelector(SlotSelector):
                 policy.offload_decode_steps += 1
 
     def select(self, layer_id: int, i: int, q: torch.Tensor, n_slots: int
-               ) -> Optional[Selection]:
+               ) -> Selection | None:
         policy = self.policy
         req = self.reqs[i]
-        state: Optional[ReqIndex] = req.kv_policy_state
+        state: ReqIndex | None = req.kv_policy_state
         if state is None or state.slots is None:
             return None
         n = state.slots.numel()
@@ -438,5 +438,5 @@ class ClusterKVSelector(SlotSelector):
 
 
 @register_compressor("clusterkv")
-def _make_clusterkv(server_args: "ServerArgs") -> KVCompressor:
+def _make_clusterkv(server_args: ServerArgs) -> KVCompressor:
     return ClusterKVPolicy(server_args)

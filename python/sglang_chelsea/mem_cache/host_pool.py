@@ -15,7 +15,7 @@ its last step attended, copying in only the rows that changed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -50,8 +50,8 @@ class HostKVPool:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return self.num_layers * self.num_kv_heads * 2 * self.head_dim * elem
 
-    def store(self, pool: "MHATokenToKVPool", slots: torch.Tensor, layers: range
-              ) -> Optional[torch.Tensor]:
+    def store(self, pool: MHATokenToKVPool, slots: torch.Tensor, layers: range
+              ) -> torch.Tensor | None:
         """Copy the K/V of device ``slots [n]`` (``layers`` of ``pool``) into ``n`` new host
         slots and return them in the same order (None when the host tier is full)."""
         host_slots = self.allocator.alloc(slots.numel())
