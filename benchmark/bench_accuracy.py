@@ -6,7 +6,8 @@
 
 Policy specs: ``none``; ``chelsea:keep=R,round=F,sim=S,chunk=C,bias=0|1,sink=N,recent=W``;
 ``chelsea:...,recall=N`` adds recall of N raw tokens per query head from the host tier;
-``clusterkv:keep=R,tpc=T,window=W,sink=N,full=F`` (a decode budget of R x context tokens);
+``clusterkv:keep=R,tpc=T,window=W,sink=N,full=F`` (a decode budget of R x context tokens;
+``offload=1`` adds ``--kv-offload``, ``host=H`` its ``--hicache-ratio``);
 ``streaming:keep=R`` (sinks + a recent window of R x context tokens: the same memory as
 Chelsea at keep R); ``snapkv:keep=R,window=W,kernel=K`` (when prefill ends, the last W
 prompt tokens pick R x context - W earlier tokens per layer and KV head: R x context slots
@@ -81,7 +82,9 @@ class Policy:
                     "clusterkv_tokens_per_cluster": int(self.args.get("tpc", 32)),
                     "clusterkv_window": int(self.args.get("window", 512)),
                     "clusterkv_sink_tokens": int(self.args.get("sink", 16)),
-                    "clusterkv_full_layers": int(self.args.get("full", 2))}
+                    "clusterkv_full_layers": int(self.args.get("full", 2)),
+                    "kv_offload": bool(int(self.args.get("offload", 0))),
+                    "hicache_ratio": float(self.args.get("host", 4.0))}
         return {
             "kv_compression": "chelsea", "chelsea_keep_ratio": self.keep,
             "chelsea_chunk_size": int(self.args.get("chunk", 128)),

@@ -10,7 +10,10 @@ decode step (teacher forcing: the sampler is replaced by the text's next token),
 ClusterKV's selection, Chelsea's recall and SnapKV's eviction (when prefill ends) take part,
 which a prefill-only measurement (bench_accuracy.py's ``kl`` task) cannot show. Each step's
 next-token distribution is compared with the full cache's at the same position: mean KL,
-top-1 agreement, perplexity. Policy specs are bench_accuracy.py's.
+top-1 agreement, perplexity. Policy specs are bench_accuracy.py's. With
+``clusterkv:...,offload=1`` the row also has the device KV at the peak of the decode (pool +
+working set + cluster index) as a share of the full cache's bytes, and the bytes copied
+host -> device per decode step.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 import sglang_chelsea.managers.scheduler as scheduler_module
 from bench_accuracy import kl_metrics, make_engine, parse_policy, read_text, teacher_forced_logprobs
 from sglang_chelsea import Engine
+from sglang_chelsea.mem_cache.memory_pool import kv_bytes_per_slot
 
 
 def forced_decode_logprobs(engine: Engine, ids: list[int], prefix_len: int
@@ -35,7 +39,8 @@ def forced_decode_logprobs(engine: Engine, ids: list[int], prefix_len: int
     host-tier slots in use during the decode."""
     forced = ids[prefix_len:]
     rows: list[torch.Tensor] = []
-    mem = {"peak_device_slots": 0, "peak_host_slots": 0}
+    mem = {"peak_device_slots": 0, "peak_host_slots": 0, "peak_device_kv_bytes": 0,
+           "working_set_bytes": 0, "steps": 0}
     original = scheduler_module.sample_batch
 
     def sample(scheduler: Any, reqs: list, logits: torch.Tensor) -> None:
@@ -43,8 +48,14 @@ def forced_decode_logprobs(engine: Engine, ids: list[int], prefix_len: int
         used = scheduler.max_total_num_tokens - scheduler.allocator.available_size()
         mem["peak_device_slots"] = max(mem["peak_device_slots"], used)
         if scheduler.kv_compressor is not None:
-            host = scheduler.kv_compressor.stats().get("host_slots", 0)
-            mem["peak_host_slots"] = max(mem["peak_host_slots"], host)
+            stats = scheduler.kv_compressor.stats()
+            mem["peak_host_slots"] = max(mem["peak_host_slots"], stats.get("host_slots", 0))
+            # --kv-offload: pool + decode working set + cluster index, in bytes.
+            mem["peak_device_kv_bytes"] = max(mem["peak_device_kv_bytes"],
+                                              stats.get("device_kv_bytes", 0))
+            if stats.get("device_working_set_bytes"):  # a decode step read the host tier
+                mem["working_set_bytes"] += stats["device_working_set_bytes"]
+                mem["steps"] += 1
         rows.append(torch.log_softmax(logits[0].float().cpu(), dim=-1))
         req.output_ids.append(forced[len(req.output_ids)])
         req.check_finished(scheduler.context_len, scheduler.tokenizer)
@@ -92,6 +103,23 @@ def main(argv: Optional[list[str]] = None) -> None:
                # ClusterKV: share of the clustered tokens each query head attended to.
                "selected_share": kv.get("selected_share"),
                "seconds": round(time.perf_counter() - t0, 1)}
+        if kv.get("kv_offload"):
+            sched = engine.scheduler
+            cfg = sched.model_config
+            full_bytes = total * kv_bytes_per_slot(cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                                   cfg.head_dim, sched.token_to_kv_pool.dtype)
+            steps = max(1, kv["offload_decode_steps"])
+            row.update({
+                # Device KV at the peak (pool + working set + index) as a share of the full
+                # cache's bytes for the same tokens.
+                "peak_device_kv_fraction": round(mem["peak_device_kv_bytes"] / full_bytes, 4),
+                "decode_copied_bytes_per_step": round(kv["decode_host_to_device_bytes"] / steps),
+                # What the step attended from the host tier (what a step would copy with no
+                # rows kept resident between steps).
+                "mean_working_set_bytes": round(mem["working_set_bytes"] / max(1, mem["steps"])),
+                "prefill_copied_bytes": (kv["host_to_device_bytes"]
+                                         - kv["decode_host_to_device_bytes"]),
+                "full_cache_bytes": full_bytes})
         results.append(row)
         print(json.dumps(row), flush=True)
         engine.shutdown()

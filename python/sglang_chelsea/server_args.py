@@ -95,6 +95,7 @@ class ServerArgs:
     snapkv_budget: int = 1024
     snapkv_window: int = 32
     snapkv_kernel_size: int = 7
+    kv_offload: bool = False
 
     def __post_init__(self) -> None:
         self.check()
@@ -156,6 +157,9 @@ class ServerArgs:
         if self.kv_compression == "clusterkv":
             self._check_clusterkv()
         self._check_snapkv()
+        if self.kv_offload and self.kv_compression != "clusterkv":
+            raise ValueError("--kv-offload needs --kv-compression clusterkv (chelsea recall "
+                             f"has its own host tier), got {self.kv_compression!r}")
         if self.tp_size < 1 or self.dp_size < 1:
             raise ValueError("tp_size and dp_size must be >= 1")
         if self.dp_size > 1 and self.api_key:
@@ -222,7 +226,10 @@ class ServerArgs:
 
     @property
     def effective_page_size(self) -> int:
-        """Radix page size: with Chelsea on, a page is a compression chunk."""
+        """Radix page size: with a KV policy on, a page is a compression chunk; with
+        ``--kv-offload``, a ClusterKV window (the unit that moves to the host tier)."""
+        if self.kv_offload:
+            return self.clusterkv_window
         if self.kv_compression != "none":
             return self.chelsea_chunk_size
         return self.page_size
@@ -326,7 +333,8 @@ class ServerArgs:
                             "in place of the best-scoring centroids at each decode step "
                             "(0: off)")
         g.add_argument("--hicache-ratio", type=float, default=d.hicache_ratio,
-                       help="Host KV tier size as a multiple of the device pool (chelsea recall)")
+                       help="Host KV tier size as a multiple of the device pool (chelsea "
+                            "recall, --kv-offload)")
         g.add_argument("--clusterkv-budget", type=int, default=d.clusterkv_budget,
                        help="clusterkv: clustered tokens each query head attends to per step")
         g.add_argument("--clusterkv-window", type=int, default=d.clusterkv_window,
@@ -345,6 +353,10 @@ class ServerArgs:
                        choices=["torch", "triton"],
                        help="clusterkv: k-means and cluster selection as torch ops (CPU or "
                             "GPU) or as Triton kernels (GPU; CPU only with TRITON_INTERPRET=1)")
+        g.add_argument("--kv-offload", action="store_true", default=d.kv_offload,
+                       help="clusterkv: move each clustered window's raw K/V to the host tier "
+                            "(--hicache-ratio); the device keeps the sinks, the unclustered "
+                            "tail, the cluster index and per request the rows it attends to")
         g.add_argument("--streaming-window", type=int, default=d.streaming_window,
                        help="streaming: recent tokens kept besides the sinks")
         g.add_argument("--snapkv-budget", type=int, default=d.snapkv_budget,

@@ -81,8 +81,8 @@ def slot_run(row: torch.Tensor, length: int) -> SlotRun:
 class TorchNativeAttnBackend(AttentionBackend):
     """Exact attention on the CPU with GQA and per-slot log-weight bias.
 
-    ``host_pool``: the host tier a recall policy's selections read from (set by the model
-    runner when there is one)."""
+    ``host_pool``: the host tier a recall policy's selections read from when they name no
+    ``host_tier`` of their own (set by the model runner when there is one)."""
 
     def __init__(self) -> None:
         self.host_pool: Optional["HostKVPool"] = None
@@ -154,13 +154,18 @@ class TorchNativeAttnBackend(AttentionBackend):
             bias = torch.log(pool.weight_buffer[layer_id].view(-1).index_select(0, rows)
                              ).view(n_q, n)
         if sel.host_slots is not None:
-            assert self.host_pool is not None, "a host-tier selection needs a host pool"
-            hk, hv = self.host_pool.gather(layer_id, kv_head.cpu(), sel.host_slots.cpu())
+            tier = sel.host_tier if sel.host_tier is not None else self.host_pool
+            assert tier is not None, "a host-tier selection needs a host pool"
+            hk, hv = tier.gather(layer_id, kv_head, sel.host_slots)
             keys = torch.cat([keys, hk.to(keys)], dim=1)
             values = torch.cat([values, hv.to(values)], dim=1)
-            if bias is None:
-                bias = torch.zeros(n_q, n, device=device)
-            bias = torch.cat([bias, sel.host_log_weight.to(bias)], dim=1)
+            host_bias = sel.host_log_weight
+            if host_bias is None and bias is not None:
+                host_bias = torch.zeros(sel.host_slots.shape, device=device)
+            if host_bias is not None:
+                if bias is None:
+                    bias = torch.zeros(n_q, n, device=device)
+                bias = torch.cat([bias, host_bias.to(bias)], dim=1)
         mask = None if bias is None else bias.unsqueeze(1).unsqueeze(0).to(keys.dtype)
         return keys, values, mask
 

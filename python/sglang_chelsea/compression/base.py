@@ -32,9 +32,10 @@ class KVCompressor(ABC):
              host_pool: Optional["HostKVPool"] = None) -> None:
         """Called once by the model runner with the pools the policy works on."""
 
-    def make_selector(self, scheduler: "Scheduler", reqs: list["Req"]
+    def make_selector(self, scheduler: "Scheduler", reqs: list["Req"], decode: bool
                       ) -> Optional["SlotSelector"]:
-        """For a decode batch: the per-head slot selection (None: attend to every slot)."""
+        """For a forward pass (a decode step when ``decode``, else prefill chunks): the
+        per-head slot selection (None: attend to every slot)."""
         return None
 
     def make_query_observer(self, scheduler: Scheduler, reqs: list[Req]
@@ -64,13 +65,17 @@ class Selection:
     ``log_weight``: ``[q_heads, n]`` logit bias replacing the pool's ``log(weight)`` of
     those slots (``-inf`` drops a slot for that head); None: the pool's.
     ``host_slots`` / ``host_log_weight``: ``[q_heads, m]`` raw slots recalled from the host
-    tier and their bias (0 live, ``-inf`` padding).
+    tier and their bias (0 live, ``-inf`` padding; None: all live), attended after ``slots``.
+    ``host_tier``: what reads them onto the device (``gather(layer_id, kv_head, slots)``, as
+    ``HostKVPool.gather``: a ``DeviceWorkingSet`` or ``HostStream``); None: the backend's
+    host pool.
     """
 
     slots: "torch.Tensor"
     log_weight: Optional["torch.Tensor"] = None
     host_slots: Optional["torch.Tensor"] = None
     host_log_weight: Optional["torch.Tensor"] = None
+    host_tier: Any = None
 
 
 class SlotSelector(ABC):

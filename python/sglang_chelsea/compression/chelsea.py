@@ -62,7 +62,7 @@ class ChelseaCompressor(KVCompressor):
             self.recall = RecallStore(pool, host_pool, self.full_layers)
             allocator.free_listeners.append(self.recall.on_free)
 
-    def make_selector(self, scheduler: "Scheduler", reqs: list["Req"]
+    def make_selector(self, scheduler: "Scheduler", reqs: list["Req"], decode: bool
                       ) -> Optional[SlotSelector]:
         if self.recall is None:
             return None

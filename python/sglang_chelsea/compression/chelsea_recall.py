@@ -56,14 +56,11 @@ class RecallStore:
         """Copy the raw chunks ``slots [N, C]`` (before their centroids overwrite them) to
         the host tier and record their entries; ``assignment [L', N, H, C]``."""
         n_chunks, c = slots.shape
-        host_slots = self.host.allocator.alloc(n_chunks * c)
+        host_slots = self.host.store(self.pool, slots.reshape(-1),
+                                     range(self.first_layer, self.pool.num_layers))
         if host_slots is None:  # host tier full: these chunks stay merged-only
             self.unrecallable_chunks += n_chunks
             return
-        src = slots.reshape(-1).to(self.pool.k_buffer[0].device)
-        for j, layer in enumerate(range(self.first_layer, self.pool.num_layers)):
-            self.host.k_buffer[layer][:, host_slots] = self.pool.k_buffer[layer][:, src].cpu()
-            self.host.v_buffer[layer][:, host_slots] = self.pool.v_buffer[layer][:, src].cpu()
         host_slots = host_slots.view(n_chunks, c)
         assignment = assignment.cpu()
         for i in range(n_chunks):

@@ -285,7 +285,7 @@ class Scheduler:
             # A middle chunk without logprobs needs no logits: compute one row only.
             logits_rows=torch.tensor(rows or [0], dtype=torch.int64))
         if self.kv_compressor is not None:
-            fb.slot_selector = self.kv_compressor.make_selector(self, reqs)
+            fb.slot_selector = self.kv_compressor.make_selector(self, reqs, decode=False)
             fb.query_observer = self.kv_compressor.make_query_observer(self, reqs)
         logits = self.model_runner.forward(fb)
         self.forward_ct += 1
@@ -421,7 +421,7 @@ class Scheduler:
             req_to_token_pool=self.req_to_token_pool, token_to_kv_pool=self.token_to_kv_pool,
             attn_backend=self.model_runner.attn_backend)
         if self.kv_compressor is not None:
-            fb.slot_selector = self.kv_compressor.make_selector(self, reqs)
+            fb.slot_selector = self.kv_compressor.make_selector(self, reqs, decode=True)
         logits = self.model_runner.forward(fb)
         self.forward_ct += 1
         for req in reqs:

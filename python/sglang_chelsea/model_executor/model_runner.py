@@ -184,7 +184,8 @@ class ModelRunner:
         # CUDA graph is captured with or without them).
         self.kv_compressor = create_compressor(server_args)
         self.host_pool: Optional[HostKVPool] = None
-        if server_args.kv_compression == "chelsea" and server_args.chelsea_recall_budget > 0:
+        if server_args.kv_offload or (server_args.kv_compression == "chelsea"
+                                      and server_args.chelsea_recall_budget > 0):
             cfg = self.model_config
             self.host_pool = HostKVPool(int(self.max_total_num_tokens * server_args.hicache_ratio),
                                         cfg.num_hidden_layers, cfg.num_key_value_heads,
