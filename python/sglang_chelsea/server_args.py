@@ -215,14 +215,15 @@ class ServerArgs:
                 and self.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("clusterkv_kernel 'triton' needs --device cuda "
                              "(or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)")
-        selecting = self.kv_compression == "clusterkv" or (
-            self.kv_compression == "chelsea" and self.chelsea_recall_budget > 0)
-        if selecting and self.tp_size > 1:
+        if self.selects_slots and self.tp_size > 1:
             raise ValueError("clusterkv and chelsea recall do not support --tp-size > 1 yet")
-        if selecting and self.attention_backend != "torch":
-            raise ValueError("clusterkv and chelsea recall select slots per query head, which "
-                             "only the torch attention backend implements so far; use "
-                             "--attention-backend torch")
+
+    @property
+    def selects_slots(self) -> bool:
+        """Whether the KV policy picks, per decode step and query head, which slots are
+        attended (clusterkv, chelsea recall): data-dependent lists, so no CUDA graph."""
+        return self.kv_compression == "clusterkv" or (
+            self.kv_compression == "chelsea" and self.chelsea_recall_budget > 0)
 
     @property
     def effective_page_size(self) -> int:

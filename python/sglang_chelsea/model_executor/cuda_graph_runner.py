@@ -10,7 +10,9 @@ What stays fixed in a graph: the batch size (a step runs in the smallest capture
 that holds it; the extra rows attend to nothing, write to the padding slot 0 and are
 dropped), the decode split count (chosen for the longest context) and whether slot
 weights are applied (decided once by the KV policy). The slot list buffer holds the whole
-pool, so any mix of lengths fits.
+pool, so any mix of lengths fits. A decode step with a slot selector (clusterkv, chelsea
+recall) is never replayed: its per-head lists depend on the step's queries, so it runs
+eagerly.
 """
 
 from __future__ import annotations
@@ -94,7 +96,11 @@ class CudaGraphRunner:
         self.graphs[bs] = graph
 
     def can_run(self, forward_batch: ForwardBatch) -> bool:
-        return forward_batch.forward_mode.is_decode() and forward_batch.batch_size <= self.max_bs
+        """A decode batch that fits, without a slot selection: a selecting KV policy's lists
+        (ClusterKV, Chelsea recall) depend on each step's queries, so those steps run
+        eagerly (the graphs hold the plain per-request lists only)."""
+        return (forward_batch.forward_mode.is_decode() and forward_batch.batch_size <= self.max_bs
+                and forward_batch.slot_selector is None)
 
     def replay(self, forward_batch: ForwardBatch) -> torch.Tensor:
         """Logits ``[B, V]`` of a decode batch (index tensors on the CPU)."""

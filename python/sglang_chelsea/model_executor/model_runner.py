@@ -205,6 +205,10 @@ class ModelRunner:
 
             max_bs = server_args.cuda_graph_max_bs or min(server_args.max_running_requests, 64)
             self.cuda_graph_runner = CudaGraphRunner(self, max_bs)
+            if server_args.selects_slots:
+                logger.info("--kv-compression %s selects slots per query head: decode steps "
+                            "with a selection run eagerly, not from the CUDA graphs",
+                            server_args.kv_compression)
 
     def _init_memory_pool(self) -> None:
         args, cfg = self.server_args, self.model_config
