@@ -60,6 +60,8 @@ SELECTING = {
                "chelsea_keep_ratio": 0.25, "chelsea_sink_tokens": 4,
                "chelsea_min_similarity": -1.0, "chelsea_recall_budget": 16},
 }
+# ClusterKV with its clustered windows in the host tier (read through a working set).
+SELECTING["offload"] = {**SELECTING["clusterkv"], "kv_offload": True}
 
 
 def _run_selecting(model_path: str, backend: str, policy: dict) -> tuple[list[dict], dict]:
@@ -93,9 +95,10 @@ def test_selecting_policies_on_triton_match_torch_backend(tiny_llama_dir: str, n
 
     monkeypatch.setattr(TritonAttnBackend, "_head_lists", spy)
     got, kv_got = _run_selecting(tiny_llama_dir, "triton", SELECTING[name])
-    # ClusterKV selects at decode only; recall in decode and in prefill chunks, from the host.
+    # ClusterKV selects at decode only; recall in decode and in prefill chunks, from the host;
+    # offloaded ClusterKV reads its windows from the host in both.
     assert paths == ({(True, False)} if name == "clusterkv" else {(True, True), (False, True)})
-    if name == "clusterkv":  # the same selections were made, and they did select
+    if name != "recall":  # the same selections were made, and they did select
         assert kv_got["selected_share"] == kv_ref["selected_share"]
         assert 0 < kv_got["selected_share"] < 1
     else:  # raw chunks went to the host tier and could be recalled

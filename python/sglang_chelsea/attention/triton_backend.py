@@ -197,13 +197,14 @@ class TritonAttnBackend(AttentionBackend):
             lens += [n] * n_q
             m = 0
             if sel is not None and sel.host_slots is not None:
-                assert self.host_pool is not None, "a host-tier selection needs a host pool"
-                k_h, v_h = self.host_pool.gather(layer_id, kv_head_cpu, sel.host_slots.cpu())
+                tier = sel.host_tier if sel.host_tier is not None else self.host_pool
+                assert tier is not None, "a host-tier selection needs a host pool"
+                k_h, v_h = tier.gather(layer_id, kv_head_cpu, sel.host_slots.cpu())
                 m = k_h.shape[1]
                 host_k.append(k_h.reshape(-1, dim))
                 host_v.append(v_h.reshape(-1, dim))
-                assert sel.host_log_weight is not None
-                host_b.append(sel.host_log_weight)
+                host_b.append(sel.host_log_weight if sel.host_log_weight is not None
+                              else torch.zeros(sel.host_slots.shape, device=device))
             host_lens += [m] * n_q
         host = None
         if sum(host_lens):

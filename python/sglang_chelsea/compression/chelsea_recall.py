@@ -8,7 +8,7 @@ radix hit on a compressed prefix finds it; dropped when those slots are freed). 
 decode step, and in each prefill chunk over the compressed prefix,
 per layer and query head, every centroid of the request is ranked by its biased logit
 ``q . k * scale + log(size)`` (in a prefill chunk, e.g. the question after a long
-document, by its best logit over the chunk's queries); centroids are taken in that order while their members fit in
+document, with the chunk's last query); centroids are taken in that order while their members fit in
 ``N`` tokens; for those, the raw members are attended (from the host tier) and the centroid
 is masked, never both. Everything else (sinks, raw recent chunks, other centroids) is
 attended as stored.
@@ -162,8 +162,11 @@ class RecallSelector(SlotSelector):
         k_cent = pool.k_buffer[layer_id].view(-1, dim).index_select(0, cent_rows)
         k_cent = k_cent.view(n_q, -1, dim)  # [Hq, M, D]
         sizes = log_w[:, cent_pos].exp()  # [Hq, M]
-        # A prefill chunk ranks each centroid by its best logit over the chunk's queries.
-        logits = torch.einsum("thd,hmd->thm", q.float(), k_cent.float()).amax(dim=0)
+        # A prefill chunk ranks the centroids by its last query, the one whose attention
+        # predicts the next token (e.g. the end of a question after a long document); the
+        # best logit over all of the chunk's queries spread the budget over what any of them
+        # wanted and lost passkeys (docs/benchmarks.md).
+        logits = torch.einsum("hd,hmd->hm", q[-1].float(), k_cent.float())
         score = logits * dim ** -0.5 + log_w[:, cent_pos]
         order = torch.argsort(score, dim=-1, descending=True)
         fits = torch.cumsum(sizes.gather(1, order), dim=1) <= self.budget
