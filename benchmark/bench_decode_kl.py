@@ -42,8 +42,10 @@ def forced_decode_logprobs(engine: Engine, ids: list[int], prefix_len: int
     mem = {"peak_device_slots": 0, "peak_host_slots": 0, "peak_device_kv_bytes": 0,
            "working_set_bytes": 0, "steps": 0}
     original = scheduler_module.sample_batch
+    stamps: list[float] = []  # one per sampled token: the gaps are decode steps
 
     def sample(scheduler: Any, reqs: list, logits: torch.Tensor) -> None:
+        stamps.append(time.perf_counter())
         (req,) = reqs
         used = scheduler.max_total_num_tokens - scheduler.allocator.available_size()
         mem["peak_device_slots"] = max(mem["peak_device_slots"], used)
@@ -66,6 +68,8 @@ def forced_decode_logprobs(engine: Engine, ids: list[int], prefix_len: int
                         sampling_params={"max_new_tokens": len(forced), "ignore_eos": True})
     finally:
         scheduler_module.sample_batch = original
+    steps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+    mem["decode_ms"] = 1000 * steps[len(steps) // 2] if steps else None
     return torch.stack(rows), mem
 
 
@@ -102,6 +106,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                "peak_host_slots": mem["peak_host_slots"],
                # ClusterKV: share of the clustered tokens each query head attended to.
                "selected_share": kv.get("selected_share"),
+               # Median time of one decode step (forward, selection, compression, sampling).
+               "decode_ms": mem["decode_ms"] and round(mem["decode_ms"], 1),
                "seconds": round(time.perf_counter() - t0, 1)}
         if kv.get("kv_offload"):
             sched = engine.scheduler
@@ -126,11 +132,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(results, f, indent=1)
-    print("\npolicy | decode KL | top-1 | ppl | peak device KV fraction | peak host slots")
-    print("--- | --- | --- | --- | --- | ---")
+    print("\npolicy | decode KL | top-1 | ppl | peak device KV fraction | peak host slots | "
+          "decode ms/step")
+    print("--- | --- | --- | --- | --- | --- | ---")
     for r in results:
         print(f"{r['policy']} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | {r['ppl']:.2f} | "
-              f"{r['peak_device_fraction']:.3f} | {r['peak_host_slots']}")
+              f"{r['peak_device_fraction']:.3f} | {r['peak_host_slots']} | {r['decode_ms']}")
 
 
 if __name__ == "__main__":
