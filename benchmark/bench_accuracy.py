@@ -43,7 +43,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -119,6 +119,26 @@ def make_engine(policy: Policy, context_len: int, model_path: Optional[str]) -> 
                   **policy.engine_args(context_len))
 
 
+def peak_slots_during(engine: Engine, run: Callable[[], Any]) -> tuple[Any, int]:
+    """``run()``'s result and the most device KV slots in use after any scheduler step
+    (one request at a time: that request's slots, the prefill chunk being compressed
+    included)."""
+    sched = engine.scheduler
+    step, peak = sched.step, 0
+
+    def counted() -> Any:
+        nonlocal peak
+        out = step()
+        peak = max(peak, sched.max_total_num_tokens - sched.allocator.available_size())
+        return out
+
+    sched.step = counted
+    try:
+        return run(), peak
+    finally:
+        sched.step = step
+
+
 def run_passkey(engine: Engine, context_len: int, num_keys: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed + context_len)
     hits, cases = 0, []
@@ -126,12 +146,16 @@ def run_passkey(engine: Engine, context_len: int, num_keys: int, seed: int) -> d
         key = rng.randint(10000, 99999)
         depth = (i + 0.5) / num_keys
         prompt = passkey_prompt(engine.tokenizer, key, context_len, depth)
-        out = engine.generate(prompt, {"temperature": 0, "max_new_tokens": 10})
+        out, peak = peak_slots_during(
+            engine, lambda: engine.generate(prompt, {"temperature": 0, "max_new_tokens": 10}))
         ok = str(key) in out["text"]
         hits += ok
-        cases.append({"key": key, "depth": round(depth, 3), "answer": out["text"], "ok": ok})
+        tokens = out["meta_info"]["prompt_tokens"] + out["meta_info"]["completion_tokens"]
+        cases.append({"key": key, "depth": round(depth, 3), "answer": out["text"], "ok": ok,
+                      "peak_device_fraction": round(peak / tokens, 4)})
     kv = engine.get_server_info()["kv_cache"]
-    return {"accuracy": hits / num_keys, "cases": cases, "kv_after": kv}
+    return {"accuracy": hits / num_keys, "cases": cases, "kv_after": kv,
+            "peak_device_fraction": max(c["peak_device_fraction"] for c in cases)}
 
 
 CASE_BUILDERS = {"niah_multikey": multikey_needle_case, "vt": variable_tracking_case}
@@ -315,6 +339,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 t0 = time.perf_counter()
                 res = run_passkey(engine, ctx, args.num_keys, args.seed)
                 row = {**base, "task": "passkey", "context_len": ctx, "accuracy": res["accuracy"],
+                       "peak_device_fraction": res["peak_device_fraction"],
                        "cases": res["cases"], "seconds": round(time.perf_counter() - t0, 1)}
                 results.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "cases"}), flush=True)

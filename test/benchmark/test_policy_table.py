@@ -37,3 +37,31 @@ def test_rows_join_by_policy_and_offload_reports_bytes(tmp_path: Path, capsys) -
     out = capsys.readouterr().out
     assert "| streaming:keep=0.2 | - | 1/5 | 0.1500 | 0.900 | 23.0% | 12.5 |" in out
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_passkey_rows_report_peak_device_slots(tiny_llama_dir: str) -> None:
+    """bench_accuracy's peak device slots of one request: every token with the full cache,
+    a fraction with Chelsea (the prefill chunk being compressed included)."""
+    from bench_accuracy import peak_slots_during
+    from sglang_chelsea import Engine
+    from utils.runtime import random_ids
+
+    ids, new = random_ids(200, 5), 6
+    peaks = []
+    for policy in ({}, {"kv_compression": "chelsea", "chelsea_chunk_size": 32,
+                        "chelsea_keep_ratio": 0.25}):
+        engine = Engine(model_path=tiny_llama_dir, max_total_tokens=1000, log_level="warning",
+                        chunked_prefill_size=32, disable_radix_cache=True, **policy)
+        try:
+            out, peak = peak_slots_during(engine, lambda: engine.generate(
+                input_ids=ids, sampling_params={"max_new_tokens": new, "ignore_eos": True}))
+        finally:
+            engine.shutdown()
+        assert len(out["output_ids"]) == new
+        peaks.append(peak)
+    # Full cache, seen between scheduler steps: the prompt and the generated tokens written
+    # before the last step (which writes one more and frees the request).
+    assert peaks[0] == len(ids) + new - 2
+    # Chelsea keep 0.25 on 32-token chunks: 4 sinks raw, one recent chunk and the partial
+    # chunk raw, the rest at 8 slots per chunk.
+    assert peaks[1] < 0.5 * peaks[0]
