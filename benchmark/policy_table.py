@@ -36,18 +36,19 @@ def device_kv(row: dict[str, Any]) -> float:
 def build_table(kl_rows: list[dict[str, Any]], passkey_rows: list[dict[str, Any]]
                 ) -> tuple[list[int], list[dict[str, Any]]]:
     """Context lengths, and one merged row per policy of ``kl_rows`` (in their order)."""
-    passkey: dict[str, dict[int, str]] = defaultdict(dict)
+    passkey: dict[str, dict[int, tuple[float, str]]] = defaultdict(dict)
     for r in passkey_rows:
         if r.get("task") == "passkey":
             cases = r.get("cases") or []
             ok = sum(bool(c.get("ok")) for c in cases)
-            passkey[r["policy"]][r["context_len"]] = (f"{ok}/{len(cases)}" if cases
-                                                     else f"{r['accuracy']:.2f}")
+            shown = f"{ok}/{len(cases)}" if cases else f"{r['accuracy']:.0%}"
+            passkey[r["policy"]][r["context_len"]] = (r["accuracy"], shown)
     lens = sorted({n for by_len in passkey.values() for n in by_len})
     table = []
     for r in kl_rows:
-        table.append({"policy": r["policy"], "passkey": [passkey[r["policy"]].get(n, "-")
-                                                         for n in lens],
+        cells = [passkey[r["policy"]].get(n) for n in lens]
+        table.append({"policy": r["policy"], "passkey": [c[1] if c else "-" for c in cells],
+                      "passkey_accuracy": [c[0] for c in cells if c],
                       "kl": r["kl"], "top1": r["top1_agreement"], "device_kv": device_kv(r),
                       "decode_ms": r.get("decode_ms")})
     return lens, table
@@ -71,8 +72,7 @@ def plot(table: list[dict[str, Any]], path: str) -> None:
 
     fig, (ax_pk, ax_kl) = plt.subplots(1, 2, figsize=(11, 4.2))
     for t in table:
-        scores = [a / b for a, b in (tuple(map(int, p.split("/"))) for p in t["passkey"]
-                                     if "/" in p)]
+        scores = t["passkey_accuracy"]
         x = 100 * t["device_kv"]
         if scores:
             ax_pk.scatter(x, sum(scores) / len(scores))
