@@ -62,11 +62,18 @@ def test_selected_path_with_every_slot_equals_full_attention() -> None:
     slots = torch.arange(1, 31)
     # Each query head lists the same 30 slots in its own order.
     per_head = torch.stack([slots[torch.randperm(30)] for _ in range(4)])
-    got = TorchNativeAttnBackend()._attend_selected(pool, 0, q, Selection(per_head), 0.3)
+    backend = TorchNativeAttnBackend()
+    got = backend._attend_selection(pool, 0, q[None], Selection(per_head), 0.3)[0][0]
     keys = pool.k_buffer[0][:, slots].repeat_interleave(2, 0)
     values = pool.v_buffer[0][:, slots].repeat_interleave(2, 0)
     want = masked_attention(q[:, None], keys, values, None, 0.3)[:, 0]
     assert torch.allclose(got, want, atol=1e-6)
+    # Slots shared by every head (read once per KV head) with a per-query-head bias.
+    bias = torch.randn(4, 30)
+    bias[torch.rand(4, 30) < 0.3] = float("-inf")
+    got = backend._attend_selection(pool, 0, q[None], Selection(slots, log_weight=bias), 0.3)[0]
+    want = masked_attention(q[:, None], keys, values, bias[:, None], 0.3)[:, 0]
+    assert torch.allclose(got[0], want, atol=1e-6)
 
 
 

@@ -58,6 +58,32 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
+def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention over two disjoint key sets (``o [T, H, D]``, ``lse [T, H]``)."""
+    lse = torch.logaddexp(lse1, lse2)
+    return (o1 * torch.exp(lse1 - lse).unsqueeze(-1) + o2 * torch.exp(lse2 - lse).unsqueeze(-1),
+            lse)
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      mask: Optional[torch.Tensor], scaling: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GQA attention of ``q [T, q_heads, D]`` over per-KV-head ``keys``/``values``
+    ``[1, kv_heads, n, D]`` without copying them per query head: each KV head's query heads
+    (for all T tokens) are rows of one call. ``mask``: ``[1, kv_heads, 1, n]`` (per slot) or
+    ``[kv_heads, group, n]`` (per query head). Returns ``o [T, q_heads, D]``, ``lse [T, q_heads]``."""
+    t, n_q, dim = q.shape
+    n_kv = keys.shape[1]
+    group = n_q // n_kv
+    rows = q.view(t, n_kv, group, dim).transpose(0, 1).reshape(1, n_kv, t * group, dim)
+    if mask is not None and mask.dim() == 3:
+        mask = mask[:, None].expand(n_kv, t, group, mask.shape[-1]).reshape(1, n_kv, t * group, -1)
+    o, lse = flash_attention(rows, keys, values, scaling, mask=mask)
+    return (o.view(n_kv, t, group, dim).transpose(0, 1).reshape(t, n_q, dim),
+            lse.view(n_kv, t, group).transpose(0, 1).reshape(t, n_q))
+
+
 @dataclass
 class SlotRun:
     """A request's cached slots: one contiguous run ``[start, start + length)``, or an index."""
@@ -127,7 +153,7 @@ class TorchNativeAttnBackend(AttentionBackend):
             sel = (selector.select(layer_id, i, q[i:i + 1], run.length)
                    if selector is not None else None)
             if sel is not None:
-                out[i] = self._attend_selected(pool, layer_id, q[i], sel, scaling)
+                out[i] = self._attend_selection(pool, layer_id, q[i:i + 1], sel, scaling)[0][0]
                 continue
             keys, values, mask = self._read(pool, layer_id, run)
             query = q[i].view(1, n_kv, n_q // n_kv, dim)
@@ -169,20 +195,68 @@ class TorchNativeAttnBackend(AttentionBackend):
         mask = None if bias is None else bias.unsqueeze(1).unsqueeze(0).to(keys.dtype)
         return keys, values, mask
 
-    def _attend_selected(self, pool: MHATokenToKVPool, layer_id: int, q: torch.Tensor,
-                         sel: Selection, scaling: float) -> torch.Tensor:
-        """One request's decode attention (``q [q_heads, dim]``) over a selection."""
-        n_q, dim = q.shape
-        keys, values, mask = self._gather_selection(pool, layer_id, n_q, sel)
-        o, _ = flash_attention(q.view(1, n_q, 1, dim), keys.unsqueeze(0), values.unsqueeze(0),
-                               scaling, mask=mask)
-        return o.view(n_q, dim)
+    def _attend_selection(self, pool: MHATokenToKVPool, layer_id: int, q: torch.Tensor,
+                          sel: Selection, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One request's attention (``q [T, q_heads, dim]``) over a :class:`Selection`:
+        ``o [T, q_heads, dim]`` and ``lse [T, q_heads]``.
+
+        Per-head slot lists (ClusterKV) are gathered per query head. Slots shared by every
+        head (recall: the whole row, with per-head biases masking recalled centroids) are
+        read once per KV head, and the recalled host rows attended apart, merged by LSE."""
+        n_q = q.shape[1]
+        if sel.slots.dim() == 2:
+            keys, values, mask = self._gather_selection(pool, layer_id, n_q, sel)
+            o, lse = flash_attention(q.transpose(0, 1)[None], keys[None], values[None], scaling,
+                                     mask=mask)
+            return o[0].transpose(0, 1), lse[0].transpose(0, 1)
+        o, lse = grouped_attention(q, *self._read_shared(pool, layer_id, sel), scaling)
+        if sel.host_slots is not None and sel.host_slots.shape[-1]:
+            o, lse = merge_attention(o, lse, *self._attend_host(pool, layer_id, q, sel, scaling))
+        return o, lse
+
+    @staticmethod
+    def _read_shared(pool: MHATokenToKVPool, layer_id: int, sel: Selection
+                     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """K, V ``[1, kv_heads, n, dim]`` of a selection's shared slots, and its bias:
+        ``[kv_heads, group, n]`` per query head, or the pool's ``[1, kv_heads, 1, n]``."""
+        idx = sel.slots.to(pool.k_buffer[layer_id].device, torch.int64)
+        keys = pool.k_buffer[layer_id].index_select(1, idx)[None]
+        values = pool.v_buffer[layer_id].index_select(1, idx)[None]
+        n_kv, n = pool.num_kv_heads, idx.numel()
+        if sel.log_weight is not None:
+            mask = sel.log_weight.reshape(n_kv, -1, n).to(keys.dtype)
+        elif not pool.uniform_weights:
+            mask = torch.log(pool.weight_buffer[layer_id].index_select(1, idx))
+            mask = mask.view(1, n_kv, 1, n).to(keys.dtype)
+        else:
+            mask = None
+        return keys, values, mask
+
+    def _attend_host(self, pool: MHATokenToKVPool, layer_id: int, q: torch.Tensor,
+                     sel: Selection, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over a selection's host rows (``host_slots [q_heads, m]``); a query head
+        with none live gets output 0 and LSE -inf."""
+        n_q = q.shape[1]
+        tier = sel.host_tier if sel.host_tier is not None else self.host_pool
+        assert tier is not None, "a host-tier selection needs a host pool"
+        kv_head = torch.arange(n_q, device=q.device) // (n_q // pool.num_kv_heads)
+        hk, hv = tier.gather(layer_id, kv_head, sel.host_slots)
+        mask = None if sel.host_log_weight is None else \
+            sel.host_log_weight.to(q.device, q.dtype)[None, :, None, :]
+        o, lse = flash_attention(q.transpose(0, 1)[None], hk.to(q)[None], hv.to(q)[None],
+                                 scaling, mask=mask)
+        o, lse = o[0].transpose(0, 1), lse[0].transpose(0, 1)
+        dead = ~torch.isfinite(lse)
+        if bool(dead.any()):
+            o = o.masked_fill(dead.unsqueeze(-1), 0.0)
+            lse = lse.masked_fill(dead, float("-inf"))
+        return o, lse
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                        forward_batch: ForwardBatch, scaling: float) -> torch.Tensor:
         pool = forward_batch.token_to_kv_pool
         pool.set_kv_buffer(layer_id, forward_batch.out_cache_loc, k, v)
-        n_q, dim = q.shape[1], q.shape[2]
+        n_q = q.shape[1]
         n_kv = pool.num_kv_heads
         group = n_q // n_kv
         out = torch.empty_like(q)
@@ -201,24 +275,12 @@ class TorchNativeAttnBackend(AttentionBackend):
                    if selector is not None and run.length else None)
             if sel is not None:
                 # A per-head selection of the cached slots (e.g. recalled raw tokens).
-                keys, values, mask = self._gather_selection(pool, layer_id, n_q, sel)
-                o_c, lse_c = flash_attention(q_req.transpose(0, 1)[None], keys[None],
-                                             values[None], scaling, mask=mask)
-                o_c = o_c[0].transpose(0, 1)  # [ext, n_q, dim]
-                lse_c = lse_c[0].transpose(0, 1)
+                o_c, lse_c = self._attend_selection(pool, layer_id, q_req, sel, scaling)
             elif run.length:
                 # Cached slots, no causal mask: the group's query heads become extra rows.
-                keys, values, mask = self._read(pool, layer_id, run)
-                qc = q_req.view(ext, n_kv, group, dim).transpose(0, 1).reshape(1, n_kv,
-                                                                               ext * group, dim)
-                o_c, lse_c = flash_attention(qc, keys, values, scaling, mask=mask)
-                o_c = o_c.view(n_kv, ext, group, dim).transpose(0, 1).reshape(ext, n_q, dim)
-                lse_c = lse_c.view(n_kv, ext, group).transpose(0, 1).reshape(ext, n_q)
+                o_c, lse_c = grouped_attention(q_req, *self._read(pool, layer_id, run), scaling)
             if run.length:
-                lse_n = lse_new[0].transpose(0, 1)
-                lse = torch.logaddexp(lse_c, lse_n)
-                o_new = (o_c * torch.exp(lse_c - lse).unsqueeze(-1)
-                         + o_new * torch.exp(lse_n - lse).unsqueeze(-1))
+                o_new, _ = merge_attention(o_c, lse_c, o_new, lse_new[0].transpose(0, 1))
             out[start:start + ext] = o_new
             start += ext
         return out
