@@ -66,7 +66,11 @@ class ChelseaCompressor(KVCompressor):
                       ) -> Optional[SlotSelector]:
         if self.recall is None:
             return None
-        return RecallSelector(self.recall, self.recall_budget, self.full_layers, scheduler, reqs)
+        selector = RecallSelector(self.recall, self.recall_budget, self.full_layers, scheduler,
+                                  reqs)
+        # No request has a compressed chunk to recall from: plain attention (and, on a GPU,
+        # a decode step that CUDA graphs can replay).
+        return None if all(index is None for index in selector.indexes) else selector
 
     def compress_reqs(self, scheduler: "Scheduler", reqs: list["Req"],
                       finishing: bool = False) -> None:
