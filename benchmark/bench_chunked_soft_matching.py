@@ -30,7 +30,7 @@ def planted_keys(n: int, h: int, c: int, d: int, dtype: torch.dtype, device: str
     return (keys + 0.3 * torch.randn(n, h, c, d, generator=gen)).to(device, dtype)
 
 
-def time_call(fn: Callable[[], MergeResult], device: str, repeats: int) -> float:
+def time_call(fn: Callable[[], object], device: str, repeats: int) -> float:
     """Median seconds of ``repeats`` calls after one warm-up call."""
     fn()
     times = []

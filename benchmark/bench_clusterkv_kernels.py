@@ -19,27 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 
 import torch
+from bench_chunked_soft_matching import time_call
 from sglang_chelsea.kernels.cluster_select import select_cluster_tokens
 from sglang_chelsea.kernels.kmeans import cosine_kmeans
-
-
-def time_call(fn: Callable[[], object], device: str, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def planted_keys(b: int, n: int, d: int, centres: int, dtype: torch.dtype,

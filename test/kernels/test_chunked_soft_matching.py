@@ -4,8 +4,6 @@ attention over merged slots with the log(size) bias."""
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -16,13 +14,7 @@ from sglang_chelsea.kernels.chunked_soft_matching import (
 )
 from sglang_chelsea.kernels.merged_attention_ref import attention_with_size_bias
 from torch import Tensor
-
-# CPU tensors only run through the Triton interpreter, and TRITON_INTERPRET must be set
-# before triton is imported (triton.language builds its helpers at import time).
-_ON_CPU = not torch.cuda.is_available()
-_TRITON_IMPORTED_COMPILED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if _ON_CPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from utils.triton_env import DEV, require_triton
 
 
 @pytest.fixture(autouse=True)
@@ -325,12 +317,7 @@ def test_attention_causal_offset() -> None:
     [(64, 16, torch.float32), (128, 64, torch.float32), (48, 12, torch.bfloat16)],
 )
 def test_triton_kernel_matches_reference(c: int, target: int, dtype: torch.dtype) -> None:
-    pytest.importorskip("triton")
-    if _ON_CPU and _TRITON_IMPORTED_COMPILED:
-        pytest.fail(
-            "triton was imported before TRITON_INTERPRET=1 was set: set it at the top of "
-            "test/conftest.py (or in the environment) so that kernels can run on CPU"
-        )
+    require_triton()
     from sglang_chelsea.kernels.chunked_soft_matching_triton import (
         chunked_soft_matching_triton,
     )
@@ -343,7 +330,7 @@ def test_triton_kernel_matches_reference(c: int, target: int, dtype: torch.dtype
     protected[:, :2] = True
     protected[1, c // 2] = True
     kwargs = {"target": target, "round_fraction": 0.25, "min_similarity": 0.1}
-    dev = "cpu" if _ON_CPU else "cuda"
+    dev = DEV
     keys, values, sizes, protected = (t.to(dev) for t in (keys, values, sizes, protected))
     for args in ({"sizes": sizes, "protected": protected}, {}):
         ref = chunked_soft_matching(keys, values, **args, **kwargs)

@@ -6,30 +6,17 @@ On a machine without a GPU the kernels run through the Triton interpreter on CPU
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 from sglang_chelsea.kernels.cluster_select import select_cluster_tokens
 from sglang_chelsea.kernels.kmeans import cosine_kmeans
 from torch import Tensor
-
-# TRITON_INTERPRET must be set before triton is imported (test/conftest.py does it too).
-_ON_CPU = not torch.cuda.is_available()
-_TRITON_IMPORTED_COMPILED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if _ON_CPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-DEV = "cpu" if _ON_CPU else "cuda"
+from utils.triton_env import DEV, require_triton
 
 
 @pytest.fixture(autouse=True)
 def _triton() -> None:
-    pytest.importorskip("triton")
-    if _ON_CPU and _TRITON_IMPORTED_COMPILED:
-        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: set it at the top "
-                    "of test/conftest.py (or in the environment) so that kernels can run on CPU")
+    require_triton()
 
 
 def _select(q: Tensor, centroids: Tensor, labels: Tensor, budget: int, **kw: object) -> Tensor:
