@@ -171,3 +171,29 @@ def test_clusterkv_triton_kernel_on_cpu_without_interpreter_is_a_clear_error(mon
         ServerArgs(kv_compression="clusterkv", clusterkv_kernel="triton", device="cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     ServerArgs(kv_compression="clusterkv", clusterkv_kernel="triton", device="cpu")
+
+
+def test_host_rows_all_masked_for_a_head_add_nothing() -> None:
+    """A query head with no live host row (all host biases -inf) attends to its device slots
+    only, exactly as if it had no host rows at all."""
+    from sglang_chelsea.mem_cache.host_pool import HostKVPool
+
+    torch.manual_seed(0)
+    pool = MHATokenToKVPool(40, 1, 2, 8, torch.float32)
+    pool.k_buffer[0].normal_()
+    pool.v_buffer[0].normal_()
+    host = HostKVPool(20, 1, 2, 8, torch.float32)
+    host.k_buffer[0].normal_()
+    host.v_buffer[0].normal_()
+    backend = TorchNativeAttnBackend()
+    backend.host_pool = host
+    q = torch.randn(1, 4, 8)
+    slots = torch.arange(1, 11)
+    host_slots = torch.arange(1, 7).expand(4, -1)
+    host_bias = torch.zeros(4, 6)
+    host_bias[1] = float("-inf")  # head 1 recalls nothing
+    with_host = Selection(slots, host_slots=host_slots, host_log_weight=host_bias)
+    got = backend._attend_selection(pool, 0, q, with_host, 0.3)[0][0]
+    alone = backend._attend_selection(pool, 0, q, Selection(slots), 0.3)[0][0]
+    assert torch.allclose(got[1], alone[1], atol=1e-6)
+    assert not torch.allclose(got[0], alone[0], atol=1e-3)  # a live head does use its rows

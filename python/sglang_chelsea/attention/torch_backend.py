@@ -246,9 +246,10 @@ class TorchNativeAttnBackend(AttentionBackend):
         o, lse = flash_attention(q.transpose(0, 1)[None], hk.to(q)[None], hv.to(q)[None],
                                  scaling, mask=mask)
         o, lse = o[0].transpose(0, 1), lse[0].transpose(0, 1)
-        dead = ~torch.isfinite(lse)
-        if bool(dead.any()):
-            o = o.masked_fill(dead.unsqueeze(-1), 0.0)
+        if sel.host_log_weight is not None:
+            # The CPU kernel gives a row with every key masked output 0 and LSE 0 (not -inf),
+            # which the merge would count as real attention mass.
+            dead = torch.isneginf(sel.host_log_weight).all(dim=-1).to(q.device)  # [q_heads]
             lse = lse.masked_fill(dead, float("-inf"))
         return o, lse
 
