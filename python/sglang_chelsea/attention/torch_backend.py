@@ -165,8 +165,8 @@ class TorchNativeAttnBackend(AttentionBackend):
                           sel: Selection) -> tuple[torch.Tensor, torch.Tensor,
                                                    Optional[torch.Tensor]]:
         """K, V ``[q_heads, n, dim]`` and the logit bias ``[1, q_heads, 1, n]`` (or None) of a
-        :class:`Selection`: per query head, its device slots (with the pool's or the
-        selection's log-weights) and the host slots it recalls."""
+        :class:`Selection`'s device slots, per query head (with the pool's or the selection's
+        log-weights); its host slots are attended apart (:meth:`_attend_host`)."""
         dim = pool.head_dim
         device = pool.k_buffer[layer_id].device
         kv_head = torch.arange(n_q, device=device) // (n_q // pool.num_kv_heads)
@@ -179,19 +179,6 @@ class TorchNativeAttnBackend(AttentionBackend):
         if bias is None and not pool.uniform_weights:
             bias = torch.log(pool.weight_buffer[layer_id].view(-1).index_select(0, rows)
                              ).view(n_q, n)
-        if sel.host_slots is not None:
-            tier = sel.host_tier if sel.host_tier is not None else self.host_pool
-            assert tier is not None, "a host-tier selection needs a host pool"
-            hk, hv = tier.gather(layer_id, kv_head, sel.host_slots)
-            keys = torch.cat([keys, hk.to(keys)], dim=1)
-            values = torch.cat([values, hv.to(values)], dim=1)
-            host_bias = sel.host_log_weight
-            if host_bias is None and bias is not None:
-                host_bias = torch.zeros(sel.host_slots.shape, device=device)
-            if host_bias is not None:
-                if bias is None:
-                    bias = torch.zeros(n_q, n, device=device)
-                bias = torch.cat([bias, host_bias.to(bias)], dim=1)
         mask = None if bias is None else bias.unsqueeze(1).unsqueeze(0).to(keys.dtype)
         return keys, values, mask
 
@@ -202,14 +189,15 @@ class TorchNativeAttnBackend(AttentionBackend):
 
         Per-head slot lists (ClusterKV) are gathered per query head. Slots shared by every
         head (recall: the whole row, with per-head biases masking recalled centroids) are
-        read once per KV head, and the recalled host rows attended apart, merged by LSE."""
+        read once per KV head. Host rows are attended apart, merged by LSE."""
         n_q = q.shape[1]
         if sel.slots.dim() == 2:
             keys, values, mask = self._gather_selection(pool, layer_id, n_q, sel)
             o, lse = flash_attention(q.transpose(0, 1)[None], keys[None], values[None], scaling,
                                      mask=mask)
-            return o[0].transpose(0, 1), lse[0].transpose(0, 1)
-        o, lse = grouped_attention(q, *self._read_shared(pool, layer_id, sel), scaling)
+            o, lse = o[0].transpose(0, 1), lse[0].transpose(0, 1)
+        else:
+            o, lse = grouped_attention(q, *self._read_shared(pool, layer_id, sel), scaling)
         if sel.host_slots is not None and sel.host_slots.shape[-1]:
             o, lse = merge_attention(o, lse, *self._attend_host(pool, layer_id, q, sel, scaling))
         return o, lse

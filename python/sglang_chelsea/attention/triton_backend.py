@@ -15,7 +15,7 @@ are gathered from the :class:`HostKVPool` on the host into a small device stagin
 per layer and step (as the torch backend does) and attended as a second segment, merged
 with the first by log-sum-exp; decode and extend (prefill chunks over a compressed
 prefix, Chelsea recall) both run in the Triton kernels. :class:`TorchNativeAttnBackend`'s
-``_gather_selection`` is the reference.
+``_attend_selection`` is the reference.
 """
 
 from __future__ import annotations
