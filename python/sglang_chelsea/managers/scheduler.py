@@ -171,12 +171,11 @@ class Scheduler:
             if len(self.running) + len(batch) >= self.max_running_requests:
                 break
             req = self.waiting_queue[i]
-            if not self._admit(req):
-                break
             if self._waits_for_inflight_prefix(req, batch):
-                self._unadmit(req)
                 i += 1
                 continue
+            if not self._admit(req):
+                break
             if not self._schedule_extend(req, budget, reserve + len(batch)):
                 self._unadmit(req)
                 break
@@ -190,11 +189,13 @@ class Scheduler:
         """True when a request being prefilled in this batch shares more of ``req``'s prompt
         than the radix tree holds: ``req`` waits a step and then hits the cached prefix
         instead of prefilling the same pages twice (in-batch prefix sharing)."""
-        if self.tree_cache.disable:
+        if self.tree_cache.disable or not inflight:
             return False
         key = req.seq_ids()[: req.max_prefix_len()]
-        return any(page_prefix_len(key, other.seq_ids(), self.page_size) > req.logical_len
-                   for other in inflight)
+        shared = max(page_prefix_len(key, other.seq_ids(), self.page_size) for other in inflight)
+        # Only then the tree (a plain match: no row, lock or hit count for a request that waits).
+        return shared > 0 and shared > len(self.tree_cache.match_prefix(key).page_lens) * \
+            self.page_size
 
     def _admit(self, req: Req) -> bool:
         """Give a waiting request a row and its cached prefix (locked)."""
