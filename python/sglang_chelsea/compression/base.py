@@ -65,7 +65,7 @@ class Selection:
     ``log_weight``: ``[q_heads, n]`` logit bias replacing the pool's ``log(weight)`` of
     those slots (``-inf`` drops a slot for that head); None: the pool's.
     ``host_slots`` / ``host_log_weight``: ``[q_heads, m]`` raw slots recalled from the host
-    tier and their bias (0 live, ``-inf`` padding; None: all live), attended after ``slots``.
+    tier and their bias (0 live, ``-inf`` padding; None: all live), attended with ``slots``.
     ``host_tier``: what reads them onto the device (``gather(layer_id, kv_head, slots)``, as
     ``HostKVPool.gather``: a ``DeviceWorkingSet`` or ``HostStream``); None: the backend's
     host pool.
