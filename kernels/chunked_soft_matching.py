@@ -72,7 +72,7 @@ def check_merge_args(
     keys: Tensor,
     values: Tensor,
     sizes: Tensor | None,
-    target: int,
+    target: int | Tensor,
     protected: Tensor | None,
 ) -> None:
     """Validate the shapes shared by the reference and the Triton wrapper."""
@@ -85,7 +85,12 @@ def check_merge_args(
         raise ValueError(f"sizes must be [N, H, C] = {(n, h, c)}, got {tuple(sizes.shape)}")
     if protected is not None and tuple(protected.shape) != (n, c):
         raise ValueError(f"protected must be [N, C] = {(n, c)}, got {tuple(protected.shape)}")
-    if target < 1:
+    if isinstance(target, Tensor):
+        if tuple(target.shape) != (n,):
+            raise ValueError(f"target must be an int or [N] = ({n},), got {tuple(target.shape)}")
+        if n and int(target.min()) < 1:
+            raise ValueError(f"every target must be >= 1, got min {int(target.min())}")
+    elif target < 1:
         raise ValueError(f"target must be >= 1, got {target}")
     if sizes is not None and not bool((sizes > 0).all()):
         raise ValueError("sizes must be > 0 (a padding slot of size 0 cannot be merged)")
@@ -96,7 +101,7 @@ def chunked_soft_matching(
     values: Tensor,
     sizes: Tensor | None = None,
     *,
-    target: int,
+    target: int | Tensor,
     round_fraction: float,
     min_similarity: float,
     protected: Tensor | None = None,
@@ -109,7 +114,8 @@ def chunked_soft_matching(
         values: ``[N, H, C, Dv]`` values.
         sizes: ``[N, H, C]`` positive weights of the input tokens (default all 1), e.g.
             when re-merging slots that are already centroids.
-        target: stop merging a (chunk, head) once it keeps at most this many slots.
+        target: stop merging a (chunk, head) once it keeps at most this many slots; an
+            int for every chunk, or an ``[N]`` integer tensor, one target per chunk.
         round_fraction: per round at most ``max(1, floor(round_fraction * count))`` A
             tokens merge, ``count`` being the survivors of that chunk and head.
         min_similarity: pairs with cosine similarity below this never merge.
@@ -124,6 +130,8 @@ def chunked_soft_matching(
     n, h, c, d = keys.shape
     dev = keys.device
     quota_table = torch.tensor(round_quota_table(c, round_fraction), device=dev)
+    if isinstance(target, Tensor):
+        target = target.to(device=dev, dtype=torch.int64).view(n, 1)
 
     size = (
         torch.ones(n, h, c, device=dev, dtype=torch.float32)

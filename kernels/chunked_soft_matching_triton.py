@@ -39,6 +39,7 @@ def _kernel() -> Any:
         size_ptr,
         prot_ptr,
         quota_ptr,
+        target_ptr,
         out_k_ptr,
         out_v_ptr,
         out_size_ptr,
@@ -48,7 +49,6 @@ def _kernel() -> Any:
         C,
         D,
         DV,
-        target,
         min_similarity,
         max_rounds,
         norm_eps,
@@ -84,6 +84,7 @@ def _kernel() -> Any:
         root = rows  # current surviving slot of each input token
         neg_inf = float("-inf")
 
+        target = tl.load(target_ptr + n)
         count = C
         rounds = 0
         progress = 1
@@ -160,7 +161,7 @@ def chunked_soft_matching_triton(
     values: Tensor,
     sizes: Tensor | None = None,
     *,
-    target: int,
+    target: int | Tensor,
     round_fraction: float,
     min_similarity: float,
     protected: Tensor | None = None,
@@ -183,6 +184,9 @@ def chunked_soft_matching_triton(
     # Absent sizes / protected: any tensor stands in for the pointer the kernel never reads.
     sizes_c = sizes.to(torch.float32).contiguous() if sizes is not None else quota
     prot_c = protected.to(torch.int8).contiguous() if protected is not None else quota
+    targets = (target.to(device=dev, dtype=torch.int32).contiguous()
+               if isinstance(target, Tensor)
+               else torch.full((n,), target, device=dev, dtype=torch.int32))
 
     out_k = torch.zeros(n, h, c, d, device=dev, dtype=keys.dtype)
     out_v = torch.zeros(n, h, c, dv, device=dev, dtype=values.dtype)
@@ -196,6 +200,7 @@ def chunked_soft_matching_triton(
         sizes_c,
         prot_c,
         quota,
+        targets,
         out_k,
         out_v,
         out_size,
@@ -205,7 +210,6 @@ def chunked_soft_matching_triton(
         c,
         d,
         dv,
-        target,
         float(min_similarity),
         c if max_rounds is None else max_rounds,
         NORM_EPS,

@@ -64,6 +64,23 @@ def test_physical_slots_follow_the_schedule(tiny_chelsea: Engine) -> None:
     _assert_no_leak(tiny_chelsea)
 
 
+def test_fractional_keep_ratio_is_spread_over_chunks(tiny_llama_dir: str) -> None:
+    # keep 0.2 of 32-token chunks is 6.4 slots: chunks keep 6, 7, 6, 7, 6, 6, so the first
+    # p chunks keep round(6.4 * p) slots, not 7 * p.
+    engine = _engine(tiny_llama_dir, chelsea_keep_ratio=0.2, chelsea_min_similarity=-1.0)
+    try:
+        ids = _prompt_ids(200, seed=7)
+        engine.generate(input_ids=ids, sampling_params={**GREEDY, "max_new_tokens": 1})
+        match = engine.scheduler.tree_cache.match_prefix(ids)
+        assert match.page_lens == [6, 7, 6, 7, 6, 6]
+        kv = engine.get_server_info()["kv_cache"]
+        assert kv["physical_slots"] == round(0.2 * 6 * 32) == 38
+        assert kv["logical_tokens"] == 6 * 32
+        _assert_no_leak(engine)
+    finally:
+        engine.shutdown()
+
+
 def test_shared_prefix_is_clustered_once(tiny_chelsea: Engine) -> None:
     prefix = _prompt_ids(160, seed=1)
     a = tiny_chelsea.generate(input_ids=prefix + _prompt_ids(10, seed=2), sampling_params=GREEDY)

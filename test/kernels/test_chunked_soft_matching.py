@@ -312,6 +312,23 @@ def test_attention_causal_offset() -> None:
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_per_chunk_targets_equal_separate_calls() -> None:
+    keys = _planted_keys(3, 2, 32, 16, seed=5)
+    values = torch.randn(3, 2, 32, 16)
+    targets = torch.tensor([4, 9, 17])
+    out = _merge(keys, values, target=targets, round_fraction=0.25, min_similarity=-1.0)
+    assert out.num_kept.tolist() == [[4, 4], [9, 9], [17, 17]]
+    for i, t in enumerate(targets.tolist()):
+        one = _merge(keys[i : i + 1], values[i : i + 1], target=t, round_fraction=0.25)
+        assert torch.equal(one.assignment, out.assignment[i : i + 1])
+        m = int(one.num_kept.max())
+        torch.testing.assert_close(one.keys, out.keys[i : i + 1, :, :m])
+    with pytest.raises(ValueError, match="target"):
+        _merge(keys, values, target=torch.tensor([4, 0, 2]))
+    with pytest.raises(ValueError, match="target"):
+        _merge(keys, values, target=torch.tensor([4, 4]))
+
+
 @pytest.mark.parametrize(
     ("c", "target", "dtype"),
     [(64, 16, torch.float32), (128, 64, torch.float32), (48, 12, torch.bfloat16)],
@@ -329,10 +346,12 @@ def test_triton_kernel_matches_reference(c: int, target: int, dtype: torch.dtype
     protected = torch.zeros(n, c, dtype=torch.bool)
     protected[:, :2] = True
     protected[1, c // 2] = True
-    kwargs = {"target": target, "round_fraction": 0.25, "min_similarity": 0.1}
+    kwargs = {"round_fraction": 0.25, "min_similarity": 0.1}
     dev = DEV
     keys, values, sizes, protected = (t.to(dev) for t in (keys, values, sizes, protected))
-    for args in ({"sizes": sizes, "protected": protected}, {}):
+    per_chunk = torch.tensor([target, target + 3], device=dev)
+    for args in ({"sizes": sizes, "protected": protected, "target": target},
+                 {"target": target}, {"target": per_chunk}):
         ref = chunked_soft_matching(keys, values, **args, **kwargs)
         tri = chunked_soft_matching_triton(keys, values, **args, **kwargs)
         assert torch.equal(tri.assignment, ref.assignment)

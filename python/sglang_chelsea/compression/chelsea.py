@@ -39,7 +39,7 @@ class ChelseaCompressor(KVCompressor):
 
     def __init__(self, server_args: "ServerArgs") -> None:
         self.chunk_size = server_args.chelsea_chunk_size
-        self.target = max(1, math.ceil(server_args.chelsea_keep_ratio * self.chunk_size))
+        self.keep_ratio = server_args.chelsea_keep_ratio
         self.round_fraction = server_args.chelsea_round_fraction
         self.min_similarity = server_args.chelsea_min_similarity
         self.sink_tokens = server_args.chelsea_sink_tokens
@@ -53,6 +53,19 @@ class ChelseaCompressor(KVCompressor):
         self.clustered_tokens = 0
         self.kept_slots = 0
         self.cluster_time = 0.0
+
+    def chunk_target(self, page: int) -> int:
+        """Slots the chunk at ``page`` (its index in the sequence) may keep.
+
+        The first ``p`` chunks together keep ``round(keep_ratio * p * C)`` slots, so a
+        fractional ``keep_ratio * C`` is spread over the chunks (25.6 at keep 0.2, C 128:
+        26, 25, 26, 25, 26, ...) and the whole sequence keeps exactly its share instead of
+        rounding every chunk up. The target depends only on the chunk's position, so every
+        request that shares the chunk in the radix tree gets the same one.
+        """
+        per_chunk = self.keep_ratio * self.chunk_size
+        before = math.floor(per_chunk * page + 0.5)
+        return max(1, math.floor(per_chunk * (page + 1) + 0.5) - before)
 
     def bind(self, pool: "MHATokenToKVPool", allocator: "TokenToKVPoolAllocator",
              host_pool: Optional["HostKVPool"] = None) -> None:
@@ -101,8 +114,9 @@ class ChelseaCompressor(KVCompressor):
             first = page * c
             if first < self.sink_tokens:
                 protected[i, : self.sink_tokens - first] = True
+        targets = torch.tensor([self.chunk_target(page) for _, page in jobs])
         # On every tensor-parallel rank (each over its own KV heads).
-        kept = scheduler.model_runner.cluster_chunks(slots, protected)
+        kept = scheduler.model_runner.cluster_chunks(slots, protected, targets)
         for i, (req, page) in enumerate(jobs):
             m = int(kept[i])
             shrink_page(scheduler, req, page, m)
@@ -113,10 +127,11 @@ class ChelseaCompressor(KVCompressor):
             req.compressed_pages = max(req.compressed_pages, page + 1)
 
     def cluster(self, pool: "MHATokenToKVPool", slots: torch.Tensor,
-                protected: torch.Tensor) -> torch.Tensor:
+                protected: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Merge the chunks held in ``slots`` ``[N, C]`` (``protected`` ``[N, C]``: tokens
-        that never merge) for every compressed layer and KV head of ``pool``; write the
-        centroids into each chunk's first slots and return how many slots each chunk keeps.
+        that never merge; ``targets`` ``[N]``: the most slots each may keep) for every
+        compressed layer and KV head of ``pool``; write the centroids into each chunk's
+        first slots and return how many slots each chunk keeps.
 
         The kept count is the most centroids any layer/head needs, over all
         tensor-parallel ranks (each clusters its own heads), so that the slot schedule the
@@ -139,8 +154,8 @@ class ChelseaCompressor(KVCompressor):
             from sglang_chelsea.kernels.chunked_soft_matching_triton import (
                 chunked_soft_matching_triton as match)
         result = match(
-            keys, values, target=self.target, round_fraction=self.round_fraction,
-            min_similarity=self.min_similarity,
+            keys, values, target=targets.to(device).repeat(n_layers),
+            round_fraction=self.round_fraction, min_similarity=self.min_similarity,
             protected=protected.to(device).repeat(n_layers, 1))
         # Slots kept per chunk: the most centroids any compressed layer/head needs (all C
         # when some layers stay raw).

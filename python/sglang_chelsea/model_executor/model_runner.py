@@ -128,6 +128,7 @@ class ClusterCommand:
 
     slots: torch.Tensor
     protected: torch.Tensor
+    targets: torch.Tensor
 
 
 class ModelRunner:
@@ -249,13 +250,16 @@ class ModelRunner:
         self.attn_backend.init_forward_metadata(forward_batch)
         return self.model(forward_batch)
 
-    def cluster_chunks(self, slots: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
-        """Run the Chelsea compressor over completed chunks (``slots`` ``[N, C]``) on every
-        rank's KV heads; returns the slots kept per chunk (the same on every rank)."""
+    def cluster_chunks(self, slots: torch.Tensor, protected: torch.Tensor,
+                       targets: torch.Tensor) -> torch.Tensor:
+        """Run the Chelsea compressor over completed chunks (``slots`` ``[N, C]``, at most
+        ``targets`` ``[N]`` slots kept each) on every rank's KV heads; returns the slots kept
+        per chunk (the same on every rank)."""
         assert self.kv_compressor is not None
         if self.tp_group is not None:
-            self.tp_group.broadcast_object(ClusterCommand(slots.cpu(), protected.cpu()))
-        return self.kv_compressor.cluster(self.token_to_kv_pool, slots, protected)
+            self.tp_group.broadcast_object(ClusterCommand(slots.cpu(), protected.cpu(),
+                                                          targets.cpu()))
+        return self.kv_compressor.cluster(self.token_to_kv_pool, slots, protected, targets)
 
     def serve_tp_followers(self) -> None:
         """Ranks other than 0: repeat rank 0's operations on this shard until it goes away
@@ -268,6 +272,7 @@ class ModelRunner:
                     self._forward_hidden(cmd.to_batch(self))
                 elif isinstance(cmd, ClusterCommand):
                     assert self.kv_compressor is not None
-                    self.kv_compressor.cluster(self.token_to_kv_pool, cmd.slots, cmd.protected)
+                    self.kv_compressor.cluster(self.token_to_kv_pool, cmd.slots, cmd.protected,
+                                               cmd.targets)
                 else:
                     raise RuntimeError(f"unknown tensor-parallel command {type(cmd).__name__}")
