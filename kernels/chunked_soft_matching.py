@@ -164,14 +164,20 @@ def chunked_soft_matching(
     while max_rounds is None or rounds < max_rounds:
         eligible = alive & ~prot
         rank = torch.cumsum(eligible, dim=-1) - 1
-        a_idx, a_valid = _positions_of(eligible & (rank % 2 == 0), rank // 2)
-        b_idx, b_valid = _positions_of(eligible & (rank % 2 == 1), rank // 2)
+        odd = (rank & 1).bool()
+        half = rank >> 1
+        a_idx, a_valid = _positions_of(eligible & ~odd, half)
+        b_idx, b_valid = _positions_of(eligible & odd, half)
         if b_idx.shape[-1] == 0:
             break
 
         ka = _select_rows(unit_rows, a_idx + row_base)
         kb = _select_rows(unit_rows, b_idx + row_base)
-        sim = torch.matmul(ka, kb.transpose(-1, -2)).masked_fill_(~b_valid[..., None, :], -inf)
+        # -inf on the padding columns, added by the batched product itself.
+        b_pad = torch.zeros(b_valid.shape, dtype=ka.dtype, device=dev).masked_fill_(~b_valid, -inf)
+        sim = torch.baddbmm(b_pad[..., None, :].view(-1, 1, b_pad.shape[-1]),
+                            ka.view(-1, *ka.shape[-2:]),
+                            kb.view(-1, *kb.shape[-2:]).transpose(-1, -2)).view(n, h, -1, kb.shape[-2])
         best, best_j = sim.max(dim=-1)  # first maximum = lowest B position
         partner = b_idx.gather(2, best_j)
 
@@ -185,19 +191,20 @@ def chunked_soft_matching(
         if not bool(sel_a.any()):
             break
 
-        # Every selected A slot moves its weighted sums into its B partner.
-        src = (a_idx + row_base)[sel_a]
-        dst = (partner + row_base)[sel_a]
+        # Every selected A slot moves its weighted sums into its B partner (the A rows are
+        # dead from here on and never read again, so they are not cleared).
+        sel = sel_a.view(-1).nonzero().squeeze(1)
+        src = (a_idx + row_base).view(-1).index_select(0, sel)
+        dst_pos = partner.view(-1).index_select(0, sel)
+        dst = (partner + row_base).view(-1).index_select(0, sel)
         for acc in (k_rows, v_rows, s_rows):
-            moved = acc.index_select(0, src)
-            acc.index_fill_(0, src, 0.0)
-            acc.index_add_(0, dst, moved)
-        changed = torch.unique(dst)
-        unit_rows.index_copy_(0, changed, _normalized(k_rows.index_select(0, changed)))
+            acc.index_add_(0, dst, acc.index_select(0, src))
+        # A B row joined by several A rows appears several times; each copy writes the same.
+        unit_rows.index_copy_(0, dst, _normalized(k_rows.index_select(0, dst)))
 
         alive.view(-1).index_fill_(0, src, False)
         target_of = pos.expand(n, h, c).clone()
-        target_of.view(-1).index_copy_(0, src, partner[sel_a])
+        target_of.view(-1).index_copy_(0, src, dst_pos)
         root = target_of.gather(2, root)
         rounds += 1
 
@@ -214,11 +221,10 @@ def _positions_of(mask: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
     n, h, c = mask.shape
     counts = mask.sum(dim=-1)
     width = int(counts.max())
-    flat = mask.view(-1)
+    set_rows = mask.view(-1).nonzero().squeeze(1)  # flat (n, h, position) indices
     dest = (rank + (torch.arange(n * h, device=mask.device) * width).view(n, h, 1)).view(-1)
-    pos = torch.arange(c, device=mask.device).expand(n, h, c).reshape(-1)
     idx = torch.zeros(n * h * width, dtype=torch.int64, device=mask.device)
-    idx.index_copy_(0, dest[flat], pos[flat])
+    idx.index_copy_(0, dest.index_select(0, set_rows), set_rows % c)
     valid = torch.arange(width, device=mask.device) < counts[..., None]
     return idx.view(n, h, width), valid
 
