@@ -66,3 +66,10 @@ def test_router_fields_are_accepted() -> None:
 def test_bad_bodies_name_the_field(body: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         GenerateReqInput.from_dict(body).to_items()
+
+
+def test_text_without_a_tokenizer_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="skip-tokenizer-init"):
+        GenerateReqInput(text="hello").to_items()[0].tokenize(None)
+    item = GenerateReqInput(input_ids=[5, 6, 7]).to_items()[0]
+    assert item.tokenize(None).input_ids == [5, 6, 7]

@@ -68,6 +68,9 @@ class GenerateReqItem:
 
         ``logprob_start_len = -1`` (the default) means output logprobs only, as in SGLang.
         """
+        if self.input_ids is None and tokenizer is None:
+            raise ValueError("this server was started with --skip-tokenizer-init: send "
+                             "input_ids, not text")
         ids = list(self.input_ids) if self.input_ids is not None else tokenizer.encode(self.text)
         self.sampling_params.normalize(tokenizer)
         start = self.logprob_start_len if self.return_logprob else -1

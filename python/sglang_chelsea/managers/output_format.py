@@ -30,7 +30,10 @@ def trim_stop_str(text: str, finished_reason: Optional[dict], sp: SamplingParams
 
 def decode_output(tokenizer: Any, output_ids: list[int], finished_reason: Optional[dict],
                   sp: SamplingParams) -> str:
-    """The full output text of a request, as SGLang returns it."""
+    """The full output text of a request, as SGLang returns it ("" without a tokenizer,
+    ``--skip-tokenizer-init``: the caller reads ``output_ids``)."""
+    if tokenizer is None:
+        return ""
     text = tokenizer.decode(ids_for_text(output_ids, finished_reason, sp),
                             skip_special_tokens=sp.skip_special_tokens,
                             spaces_between_special_tokens=sp.spaces_between_special_tokens)
@@ -40,7 +43,8 @@ def decode_output(tokenizer: Any, output_ids: list[int], finished_reason: Option
 def format_token_logprobs(pairs: list[TokenLogprob], tokenizer: Any,
                           return_text: bool) -> list[list[Any]]:
     """``[(logprob, id)]`` -> SGLang's ``[[logprob, id, text or None]]``."""
-    return [[lp, tid, tokenizer.decode([tid]) if return_text else None] for lp, tid in pairs]
+    show = return_text and tokenizer is not None
+    return [[lp, tid, tokenizer.decode([tid]) if show else None] for lp, tid in pairs]
 
 
 def format_top_logprobs(tops: list[Optional[list[tuple[float, int]]]], tokenizer: Any,
