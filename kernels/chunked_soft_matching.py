@@ -138,10 +138,12 @@ def chunked_soft_matching(
         if sizes is None
         else sizes.to(torch.float32).clone(memory_format=torch.contiguous_format)
     )
-    # Weighted sums (fresh contiguous float32 copies, updated in place): the centroid is
-    # ksum / size, and its direction (all that cosine needs) is the direction of ksum.
-    ksum = (keys.to(torch.float32) * size[..., None]).contiguous()
-    vsum = (values.to(torch.float32) * size[..., None]).contiguous()
+    # Weighted sums, one row per (chunk, head, token): [ksum | vsum | size], updated in place
+    # by one index_add_ per round. The centroid is ksum / size, and its direction (all that
+    # cosine needs) is the direction of ksum.
+    dv = values.shape[-1]
+    sums = torch.cat([keys.to(torch.float32) * size[..., None],
+                      values.to(torch.float32) * size[..., None], size[..., None]], dim=-1)
     alive = torch.ones(n, h, c, device=dev, dtype=torch.bool)
     prot = (
         torch.zeros(n, 1, c, device=dev, dtype=torch.bool)
@@ -155,10 +157,10 @@ def chunked_soft_matching(
     # Row offsets turn [N, H, W] positions into row numbers of the [N*H*C, D] views
     # (index_select / index_add_ on rows are much faster than gather / scatter on CPU).
     row_base = (torch.arange(n * h, device=dev) * c).view(n, h, 1)
-    k_rows, v_rows, s_rows = ksum.view(-1, d), vsum.view(-1, vsum.shape[-1]), size.view(-1)
+    rows = sums.view(-1, d + dv + 1)
 
     # Unit directions of the centroid keys, refreshed only for the rows a round changed.
-    unit_rows = _normalized(k_rows)
+    unit_rows = _normalized(rows[:, :d])
 
     rounds = 0
     while max_rounds is None or rounds < max_rounds:
@@ -197,10 +199,9 @@ def chunked_soft_matching(
         src = (a_idx + row_base).view(-1).index_select(0, sel)
         dst_pos = partner.view(-1).index_select(0, sel)
         dst = (partner + row_base).view(-1).index_select(0, sel)
-        for acc in (k_rows, v_rows, s_rows):
-            acc.index_add_(0, dst, acc.index_select(0, src))
+        rows.index_add_(0, dst, rows.index_select(0, src))
         # A B row joined by several A rows appears several times; each copy writes the same.
-        unit_rows.index_copy_(0, dst, _normalized(k_rows.index_select(0, dst)))
+        unit_rows.index_copy_(0, dst, _normalized(rows.index_select(0, dst)[:, :d]))
 
         alive.view(-1).index_fill_(0, src, False)
         target_of = pos.expand(n, h, c).clone()
@@ -208,7 +209,7 @@ def chunked_soft_matching(
         root = target_of.gather(2, root)
         rounds += 1
 
-    return _compact(keys.dtype, values.dtype, ksum, vsum, size, alive, root)
+    return _compact(keys.dtype, values.dtype, sums, d, alive, root)
 
 
 def _positions_of(mask: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,30 +248,30 @@ def _arange_like(idx: Tensor) -> Tensor:
 def _compact(
     k_dtype: torch.dtype,
     v_dtype: torch.dtype,
-    ksum: Tensor,
-    vsum: Tensor,
-    size: Tensor,
+    sums: Tensor,
+    d: int,
     alive: Tensor,
     root: Tensor,
 ) -> MergeResult:
-    """Gather the surviving slots, in positional order, into a padded MergeResult."""
-    n, h = ksum.shape[:2]
+    """Gather the surviving slots (``sums`` = ``[N, H, C, D + Dv + 1]`` weighted key sums,
+    value sums and sizes), in positional order, into a padded MergeResult."""
+    n, h = sums.shape[:2]
     num_kept = alive.sum(dim=-1)
     m = int(num_kept.max())
     slot = torch.cumsum(alive, dim=-1) - 1
     src = alive.view(-1).nonzero().squeeze(1)  # surviving rows, in (n, h, position) order
-    dst = (slot + (torch.arange(n * h, device=ksum.device) * m).view(n, h, 1)).view(-1)[src]
-    out_size = size.view(-1).index_select(0, src)
+    dst = (slot + (torch.arange(n * h, device=sums.device) * m).view(n, h, 1)).view(-1)[src]
+    kept_rows = sums.view(-1, sums.shape[-1]).index_select(0, src)
+    out_size = kept_rows[:, -1].contiguous()
 
     def compact_rows(x: Tensor, dtype: torch.dtype) -> Tensor:
-        rows = x.view(-1, x.shape[-1]).index_select(0, src) / out_size[:, None]
-        out = x.new_zeros(n * h * m, x.shape[-1]).index_copy_(0, dst, rows)
+        out = x.new_zeros(n * h * m, x.shape[-1]).index_copy_(0, dst, x / out_size[:, None])
         return out.view(n, h, m, -1).to(dtype)
 
     return MergeResult(
-        keys=compact_rows(ksum, k_dtype),
-        values=compact_rows(vsum, v_dtype),
-        sizes=size.new_zeros(n * h * m).index_copy_(0, dst, out_size).view(n, h, m),
+        keys=compact_rows(kept_rows[:, :d], k_dtype),
+        values=compact_rows(kept_rows[:, d:-1], v_dtype),
+        sizes=out_size.new_zeros(n * h * m).index_copy_(0, dst, out_size).view(n, h, m),
         num_kept=num_kept,
         assignment=slot.gather(2, root),
     )
