@@ -142,8 +142,14 @@ def chunked_soft_matching(
     # by one index_add_ per round. The centroid is ksum / size, and its direction (all that
     # cosine needs) is the direction of ksum.
     dv = values.shape[-1]
-    sums = torch.cat([keys.to(torch.float32) * size[..., None],
-                      values.to(torch.float32) * size[..., None], size[..., None]], dim=-1)
+    sums = torch.empty(n, h, c, d + dv + 1, device=dev, dtype=torch.float32)
+    sums[..., -1] = size
+    if sizes is None:
+        sums[..., :d] = keys
+        sums[..., d:-1] = values
+    else:
+        torch.mul(keys, size[..., None], out=sums[..., :d])
+        torch.mul(values, size[..., None], out=sums[..., d:-1])
     alive = torch.ones(n, h, c, device=dev, dtype=torch.bool)
     prot = (
         torch.zeros(n, 1, c, device=dev, dtype=torch.bool)
@@ -152,6 +158,7 @@ def chunked_soft_matching(
     )
     pos = torch.arange(c, device=dev)
     root = pos.expand(n, h, c).clone()  # current surviving slot of each input token
+    flat_pos = root.view(-1).clone()  # the position of each (chunk, head, token) row
     inf = float("inf")
 
     # Row offsets turn [N, H, W] positions into row numbers of the [N*H*C, D] views
@@ -165,16 +172,15 @@ def chunked_soft_matching(
     rounds = 0
     while max_rounds is None or rounds < max_rounds:
         eligible = alive & ~prot
-        rank = torch.cumsum(eligible, dim=-1) - 1
-        odd = (rank & 1).bool()
-        half = rank >> 1
-        a_idx, a_valid = _positions_of(eligible & ~odd, half)
-        b_idx, b_valid = _positions_of(eligible & odd, half)
-        if b_idx.shape[-1] == 0:
+        # The eligible positions in order; even ranks form A, odd ranks B.
+        e_idx, e_valid = _positions_of(eligible, torch.cumsum(eligible, dim=-1) - 1, flat_pos)
+        if e_idx.shape[-1] < 2:
             break
+        a_idx, a_valid = e_idx[..., 0::2], e_valid[..., 0::2]
+        b_idx, b_valid = e_idx[..., 1::2], e_valid[..., 1::2]
 
-        ka = _select_rows(unit_rows, a_idx + row_base)
-        kb = _select_rows(unit_rows, b_idx + row_base)
+        ke = _select_rows(unit_rows, e_idx + row_base)
+        ka, kb = ke[..., 0::2, :], ke[..., 1::2, :]
         # -inf on the padding columns, added by the batched product itself.
         b_pad = torch.zeros(b_valid.shape, dtype=ka.dtype, device=dev).masked_fill_(~b_valid, -inf)
         sim = torch.baddbmm(b_pad[..., None, :].view(-1, 1, b_pad.shape[-1]),
@@ -212,10 +218,11 @@ def chunked_soft_matching(
     return _compact(keys.dtype, values.dtype, sums, d, alive, root)
 
 
-def _positions_of(mask: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
+def _positions_of(mask: Tensor, rank: Tensor, flat_pos: Tensor) -> tuple[Tensor, Tensor]:
     """Positions where ``mask`` is set, in increasing order, padded to the batch maximum.
 
-    ``rank`` holds each set position's index among the set ones of its row. Returns
+    ``rank`` holds each set position's index among the set ones of its row, ``flat_pos``
+    the position of every element of the flattened mask. Returns
     ``(idx, valid)`` of shape ``[N, H, W]`` with ``W = max(mask.sum(-1))``; padding entries
     (``valid`` False) hold position 0.
     """
@@ -225,7 +232,7 @@ def _positions_of(mask: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
     set_rows = mask.view(-1).nonzero().squeeze(1)  # flat (n, h, position) indices
     dest = (rank + (torch.arange(n * h, device=mask.device) * width).view(n, h, 1)).view(-1)
     idx = torch.zeros(n * h * width, dtype=torch.int64, device=mask.device)
-    idx.index_copy_(0, dest.index_select(0, set_rows), set_rows % c)
+    idx.index_copy_(0, dest.index_select(0, set_rows), flat_pos.index_select(0, set_rows))
     valid = torch.arange(width, device=mask.device) < counts[..., None]
     return idx.view(n, h, width), valid
 
