@@ -171,6 +171,10 @@ def chunked_soft_matching(
 
     rounds = 0
     while max_rounds is None or rounds < max_rounds:
+        count = alive.sum(dim=-1)
+        quota = torch.minimum(quota_table[count], (count - target).clamp_min(0))
+        if not bool(quota.any()):  # every chunk and head is at its target
+            break
         eligible = alive & ~prot
         # The eligible positions in order; even ranks form A, odd ranks B.
         e_idx, e_valid = _positions_of(eligible, torch.cumsum(eligible, dim=-1) - 1, flat_pos)
@@ -189,8 +193,6 @@ def chunked_soft_matching(
         best, best_j = sim.max(dim=-1)  # first maximum = lowest B position
         partner = b_idx.gather(2, best_j)
 
-        count = alive.sum(dim=-1)
-        quota = torch.minimum(quota_table[count], (count - target).clamp_min(0))
         candidate = a_valid & (best > -inf) & (best >= min_similarity)
         score = torch.where(candidate, best, -inf)
         order = torch.sort(score, dim=-1, descending=True, stable=True).indices

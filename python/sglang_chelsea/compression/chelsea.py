@@ -142,13 +142,15 @@ class ChelseaCompressor(KVCompressor):
         layers = range(self.full_layers, pool.num_layers)
         device = pool.k_buffer[0].device
         flat = slots.reshape(-1).to(device)
-        # [L, H, N * C, D] -> [L * N, H, C, D]
-        keys = torch.stack([pool.k_buffer[l].index_select(1, flat) for l in layers])
-        values = torch.stack([pool.v_buffer[l].index_select(1, flat) for l in layers])
         n_layers = len(layers)
         h, d = pool.num_kv_heads, pool.head_dim
-        keys = keys.view(n_layers, h, n_chunks, c, d).transpose(1, 2).reshape(-1, h, c, d)
-        values = values.view(n_layers, h, n_chunks, c, d).transpose(1, 2).reshape(-1, h, c, d)
+        # [L * N, H, C, D]: each layer's rows gathered ([H, N * C, D]) and laid out per chunk.
+        keys = torch.empty(n_layers, n_chunks, h, c, d, dtype=pool.dtype, device=device)
+        values = torch.empty_like(keys)
+        for j, layer in enumerate(layers):
+            for buf, out in ((pool.k_buffer[layer], keys[j]), (pool.v_buffer[layer], values[j])):
+                out.copy_(buf.index_select(1, flat).view(h, n_chunks, c, d).transpose(0, 1))
+        keys, values = keys.view(-1, h, c, d), values.view(-1, h, c, d)
         match = chunked_soft_matching
         if self.kernel == "triton":
             from sglang_chelsea.kernels.chunked_soft_matching_triton import (
@@ -186,16 +188,17 @@ class ChelseaCompressor(KVCompressor):
         pad = (pos[None, :] >= m_max) & (pos[None, :] < kept[:, None])  # [N, C]
         dst = slots[:, :m_max][valid].to(device)
         pad_dst = slots[pad].to(device)
-        valid_dev = valid.to(device)
-        out_k = result.keys.view(n_layers, n_chunks, h, m_max, d).transpose(1, 2)
-        out_v = result.values.view(n_layers, n_chunks, h, m_max, d).transpose(1, 2)
-        out_w = result.sizes.view(n_layers, n_chunks, h, m_max).transpose(1, 2)
+        n_idx, m_idx = (i.to(device) for i in valid.nonzero(as_tuple=True))
+        # Per layer [N, H, m_max, ...]; [n_idx, :, m_idx] picks the centroid rows: [rows, H, ...].
+        out_k = result.keys.view(n_layers, n_chunks, h, m_max, d)
+        out_v = result.values.view(n_layers, n_chunks, h, m_max, -1)
+        out_w = result.sizes.view(n_layers, n_chunks, h, m_max)
         if not self.size_bias:
             out_w = (out_w > 0).to(out_w.dtype)
         for j, layer in enumerate(layers):
-            pool.k_buffer[layer][:, dst] = out_k[j][:, valid_dev].to(pool.dtype)
-            pool.v_buffer[layer][:, dst] = out_v[j][:, valid_dev].to(pool.dtype)
-            pool.weight_buffer[layer][:, dst] = out_w[j][:, valid_dev]
+            pool.k_buffer[layer][:, dst] = out_k[j][n_idx, :, m_idx].transpose(0, 1).to(pool.dtype)
+            pool.v_buffer[layer][:, dst] = out_v[j][n_idx, :, m_idx].transpose(0, 1).to(pool.dtype)
+            pool.weight_buffer[layer][:, dst] = out_w[j][n_idx, :, m_idx].transpose(0, 1)
             if pad_dst.numel():
                 pool.weight_buffer[layer][:, pad_dst] = 0.0
         kept_slots = slots[pos[None, :] < kept[:, None]].to(device)
