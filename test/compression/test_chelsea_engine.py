@@ -10,6 +10,7 @@ import torch
 
 from sglang_chelsea import Engine
 from sglang_chelsea.utils.long_context_tasks import passkey_prompt
+from utils.triton_env import require_triton
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 
@@ -79,6 +80,31 @@ def test_fractional_keep_ratio_is_spread_over_chunks(tiny_llama_dir: str) -> Non
         _assert_no_leak(engine)
     finally:
         engine.shutdown()
+
+
+def test_triton_matcher_in_the_engine_equals_the_torch_one(tiny_llama_dir: str) -> None:
+    # --chelsea-kernel triton through the scheduler (interpreted on CPU): the same slot
+    # schedule, centroids within float rounding (same next-token logprobs).
+    require_triton()
+    ids = _prompt_ids(150, seed=8)
+    params = {**GREEDY, "max_new_tokens": 1}
+    results = []
+    for kernel in ("torch", "triton"):
+        engine = _engine(tiny_llama_dir, chelsea_keep_ratio=0.2, chelsea_min_similarity=-1.0,
+                         chelsea_kernel=kernel, chunked_prefill_size=64)
+        try:
+            out = engine.generate(input_ids=ids, sampling_params=params, return_logprob=True,
+                                  top_logprobs_num=5)
+            match = engine.scheduler.tree_cache.match_prefix(ids)
+            results.append((match.page_lens, out["meta_info"]["output_top_logprobs"][0]))
+            _assert_no_leak(engine)
+        finally:
+            engine.shutdown()
+    (torch_pages, torch_top), (triton_pages, triton_top) = results
+    assert torch_pages == triton_pages == [6, 7, 6, 7]
+    assert [t[1] for t in torch_top] == [t[1] for t in triton_top]
+    for a, b in zip(torch_top, triton_top):
+        assert a[0] == pytest.approx(b[0], abs=1e-4)
 
 
 def test_shared_prefix_is_clustered_once(tiny_chelsea: Engine) -> None:
