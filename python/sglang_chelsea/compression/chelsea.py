@@ -186,9 +186,10 @@ class ChelseaCompressor(KVCompressor):
         pos = torch.arange(c)
         valid = pos[None, :m_max] < kept[:, None]  # [N, m_max]: centroid slots
         pad = (pos[None, :] >= m_max) & (pos[None, :] < kept[:, None])  # [N, C]
-        dst = slots[:, :m_max][valid].to(device)
+        n_idx, m_idx = valid.nonzero(as_tuple=True)
+        dst = slots[n_idx, m_idx].to(device)
         pad_dst = slots[pad].to(device)
-        n_idx, m_idx = (i.to(device) for i in valid.nonzero(as_tuple=True))
+        n_idx, m_idx = n_idx.to(device), m_idx.to(device)
         # Per layer [N, H, m_max, ...]; [n_idx, :, m_idx] picks the centroid rows: [rows, H, ...].
         out_k = result.keys.view(n_layers, n_chunks, h, m_max, d)
         out_v = result.values.view(n_layers, n_chunks, h, m_max, -1)
