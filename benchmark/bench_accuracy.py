@@ -42,8 +42,9 @@ import json
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -119,24 +120,38 @@ def make_engine(policy: Policy, context_len: int, model_path: Optional[str]) -> 
                   **policy.engine_args(context_len))
 
 
+@contextmanager
+def observing_steps(engine: Engine, observe: Callable[[], None]) -> Iterator[None]:
+    """Call ``observe()`` after every scheduler step of ``engine`` inside the block."""
+    sched = engine.scheduler
+    step = sched.step
+
+    def observed() -> Any:
+        out = step()
+        observe()
+        return out
+
+    sched.step = observed
+    try:
+        yield
+    finally:
+        sched.step = step
+
+
 def peak_slots_during(engine: Engine, run: Callable[[], Any]) -> tuple[Any, int]:
     """``run()``'s result and the most device KV slots in use after any scheduler step
     (one request at a time: that request's slots, the prefill chunk being compressed
     included)."""
     sched = engine.scheduler
-    step, peak = sched.step, 0
+    peak = 0
 
-    def counted() -> Any:
+    def record() -> None:
         nonlocal peak
-        out = step()
         peak = max(peak, sched.max_total_num_tokens - sched.allocator.available_size())
-        return out
 
-    sched.step = counted
-    try:
-        return run(), peak
-    finally:
-        sched.step = step
+    with observing_steps(engine, record):
+        out = run()
+    return out, peak
 
 
 def run_passkey(engine: Engine, context_len: int, num_keys: int, seed: int) -> dict[str, Any]:

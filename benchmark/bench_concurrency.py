@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_accuracy import parse_policy  # noqa: E402
+from bench_accuracy import observing_steps, parse_policy  # noqa: E402
 
 from sglang_chelsea import Engine  # noqa: E402
 
@@ -45,27 +45,26 @@ def run_policy(spec: str, args: argparse.Namespace) -> dict[str, Any]:
                     max_running_requests=args.num_requests, log_level="warning",
                     num_threads=args.num_threads, **engine_args)
     sched = engine.scheduler
-    step, retract = sched.step, sched._retract
+    retract = sched._retract
     peak = {"running": 0, "slots_in_use": 0, "retractions": 0}
 
-    def counted() -> Any:
-        out = step()
+    def record() -> None:
         if len(sched.running) > peak["running"]:
             peak["running"] = len(sched.running)
             peak["slots_in_use"] = sched.max_total_num_tokens - sched.allocator.available_size()
-        return out
 
     def counted_retract(req: Any) -> None:
         peak["retractions"] += 1
         retract(req)
 
-    sched.step, sched._retract = counted, counted_retract
+    sched._retract = counted_retract
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(100, 40000) for _ in range(args.input_len)]
                for _ in range(args.num_requests)]
     try:
-        outs = engine.generate(input_ids=prompts, sampling_params={
-            "temperature": 0, "max_new_tokens": args.output_len, "ignore_eos": True})
+        with observing_steps(engine, record):
+            outs = engine.generate(input_ids=prompts, sampling_params={
+                "temperature": 0, "max_new_tokens": args.output_len, "ignore_eos": True})
         assert all(o["meta_info"]["completion_tokens"] == args.output_len for o in outs)
     finally:
         engine.shutdown()
