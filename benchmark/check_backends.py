@@ -1,7 +1,8 @@
 """Check an attention backend against the torch reference backend, end to end, on any device.
 
     python benchmark/check_backends.py --model-path MODEL [--device cuda] \
-        [--dtype float32 bfloat16] [--backend triton] [--batch-size 4] [--input-len 300]
+        [--dtype float32 bfloat16] [--backend triton|flashinfer] [--batch-size 4] \
+        [--input-len 300] [--load-format dummy]
 
 For each dtype and KV policy (full cache; Chelsea keep 0.5 with 32-token chunks), the same
 greedy requests (a batch, then a radix hit on the first prompt's prefix) run through an
@@ -28,12 +29,13 @@ POLICIES: dict[str, dict[str, Any]] = {
 
 
 def run(model_path: str, backend: str, dtype: str, device: str, prompts: list[list[int]],
-        output_len: int, policy: dict[str, Any]) -> list[dict]:
+        output_len: int, policy: dict[str, Any], load_format: str = "auto") -> list[dict]:
     """Greedy outputs with logprobs: the batch, then the first prompt with a new ending."""
     need = (len(prompts) + 1) * (len(prompts[0]) + output_len) + 64
     engine = Engine(model_path=model_path, attention_backend=backend, dtype=dtype,
                     device=device, max_total_tokens=need, log_level="warning",
-                    chunked_prefill_size=128, **policy)
+                    chunked_prefill_size=128, load_format=load_format,
+                    skip_tokenizer_init=load_format == "dummy", **policy)
     params = {"temperature": 0, "max_new_tokens": output_len, "ignore_eos": True}
     try:
         outs = engine.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
@@ -64,6 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", required=True)
+    parser.add_argument("--load-format", default="auto",
+                        help="dummy: random weights of a config-only model directory")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backend", default="triton")
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
@@ -78,9 +82,9 @@ def main() -> None:
     for dtype in args.dtype:
         for name, policy in POLICIES.items():
             ref = run(args.model_path, "torch", dtype, args.device, prompts, args.output_len,
-                      policy)
+                      policy, args.load_format)
             got = run(args.model_path, args.backend, dtype, args.device, prompts,
-                      args.output_len, policy)
+                      args.output_len, policy, args.load_format)
             row = {"backend": args.backend, "device": args.device, "dtype": dtype,
                    "policy": name, **compare(ref, got)}
             print(json.dumps(row), flush=True)

@@ -170,9 +170,21 @@ class ServerArgs:
                              f"got {self.attention_backend!r}")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
             raise ValueError("cuda_graph_max_bs must be >= 1")
-        if self.attention_backend == "flashinfer":
-            raise ValueError("attention_backend 'flashinfer' is not built in this release "
-                             "(see docs/gpu.md); use triton on a GPU or torch")
+
+    def _check_flashinfer(self) -> None:
+        """FlashInfer's kernels run on a GPU, in float16 / bfloat16, over one slot list per
+        request (no per-head selections)."""
+        if self.device != "cuda":
+            raise ValueError("attention_backend 'flashinfer' needs --device cuda "
+                             f"(got {self.device!r}); use torch on the CPU")
+        if self.dtype in ("float32", "float"):
+            raise ValueError("attention_backend 'flashinfer' runs float16 or bfloat16 only; "
+                             "use --dtype bfloat16 (the GPU default) or --attention-backend "
+                             "triton for float32")
+        if self.selects_slots:
+            raise ValueError(f"--kv-compression {self.kv_compression} selects slots per query "
+                             "head, which the flashinfer backend does not run; use "
+                             "--attention-backend triton")
 
     def _check_clusterkv(self) -> None:
         page = self.effective_page_size
@@ -211,6 +223,8 @@ class ServerArgs:
                 and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("attention_backend 'triton' needs --device cuda "
                              "(or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)")
+        if self.attention_backend == "flashinfer":
+            self._check_flashinfer()
         if self.kv_compression == "clusterkv" and self.clusterkv_kernel == "triton" \
                 and self.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("clusterkv_kernel 'triton' needs --device cuda "
@@ -290,7 +304,8 @@ class ServerArgs:
         g.add_argument("--disable-radix-cache", action="store_true", help="Disable prefix caching")
         g.add_argument("--attention-backend", type=str, default=d.attention_backend,
                        choices=list(ATTENTION_BACKEND_CHOICES),
-                       help="auto (triton on a GPU, torch on the CPU), torch or triton")
+                       help="auto (triton on a GPU, torch on the CPU), torch, triton, or "
+                       "flashinfer (GPU, float16/bfloat16; needs flashinfer-python)")
         g.add_argument("--disable-cuda-graph", action="store_true",
                        help="Run decode eagerly on a GPU instead of replaying CUDA graphs")
         g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs,

@@ -64,6 +64,10 @@ def create_attn_backend(name: str) -> AttentionBackend:
         from sglang_chelsea.attention.triton_backend import TritonAttnBackend
 
         return TritonAttnBackend()
+    if name == "flashinfer":
+        from sglang_chelsea.attention.flashinfer_backend import FlashInferAttnBackend
+
+        return FlashInferAttnBackend()
     raise ValueError(f"unknown attention backend {name!r}")
 
 
