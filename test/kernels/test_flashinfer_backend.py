@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +144,45 @@ def test_flashinfer_backend_matches_reference(decode: bool, weighted: bool,
         run = backend.forward_decode if decode else backend.forward_extend
         plain = run(q, k, v, 0, fb, scale).float()
         assert (plain - ref[0]).abs().max().item() > 0.1
+
+
+SMALL_LLAMA = str(Path(__file__).resolve().parents[2] / "benchmark" / "configs"
+                  / "small-llama-hd128")
+
+
+def _engine_outputs(backend: str, policy: dict, **kw) -> list[dict]:
+    """Greedy outputs with logprobs of three prompts batched (a padded CUDA-graph batch of
+    4), then a radix hit on the first prompt's prefix; random bfloat16 weights (seeded)."""
+    from sglang_chelsea import Engine
+
+    engine = Engine(model_path=SMALL_LLAMA, load_format="dummy", skip_tokenizer_init=True,
+                    attention_backend=backend, dtype="bfloat16", max_total_tokens=4000,
+                    chunked_prefill_size=64, log_level="warning", **policy, **kw)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 20000, (n,), generator=gen).tolist() for n in (150, 70, 97)]
+    params = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    try:
+        outs = engine.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+        outs.append(engine.generate(input_ids=prompts[0][:130] + prompts[1][:20],
+                                    sampling_params=params, return_logprob=True))
+        return outs
+    finally:
+        engine.shutdown()
+
+
+def _logprobs(out: dict) -> list[float]:
+    return [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+
+
+@gpu_only
+@pytest.mark.parametrize("policy", [
+    {},
+    {"kv_compression": "chelsea", "chelsea_chunk_size": 32, "chelsea_keep_ratio": 0.5},
+], ids=["full", "chelsea"])
+def test_flashinfer_engine_graphs_match_eager(policy: dict) -> None:
+    graphs = _engine_outputs("flashinfer", policy)
+    eager = _engine_outputs("flashinfer", policy, disable_cuda_graph=True)
+    assert graphs[3]["meta_info"]["cached_tokens"] > 0
+    for a, b in zip(graphs, eager):
+        assert a["output_ids"] == b["output_ids"]
+        assert max(abs(x - y) for x, y in zip(_logprobs(a), _logprobs(b))) < 1e-3

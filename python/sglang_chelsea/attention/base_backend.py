@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch
+
+if TYPE_CHECKING:
+    from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool
 
 
 class AttentionBackend(ABC):
@@ -22,6 +26,23 @@ class AttentionBackend(ABC):
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         """Prepare per-batch metadata once, before the layers run."""
+
+    # CUDA graphs for decode (CudaGraphRunner); backends that support them override these.
+    def init_cuda_graph_state(self, max_bs: int, pool: "MHATokenToKVPool",
+                              max_context_len: int) -> None:
+        """Allocate the static buffers the captured decode graphs read their slot lists from."""
+        raise NotImplementedError(f"{type(self).__name__} does not run CUDA graphs")
+
+    def init_forward_metadata_capture_cuda_graph(self, bs: int) -> Any:
+        """Metadata for capturing a decode graph of ``bs`` requests (each listing the padding
+        slot 0 only), pointing at the static buffers."""
+        raise NotImplementedError(f"{type(self).__name__} does not run CUDA graphs")
+
+    def init_forward_metadata_replay_cuda_graph(self, forward_batch: ForwardBatch,
+                                                padded_bs: int) -> None:
+        """Write ``forward_batch``'s slot lists into the static buffers of the graph of
+        ``padded_bs`` requests (rows past the batch list the padding slot 0)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run CUDA graphs")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 forward_batch: ForwardBatch, scaling: float) -> torch.Tensor:

@@ -22,8 +22,8 @@ page size 1 (a strided view, no copy).
 
 Not supported here (clear errors at start-up, ``ServerArgs``): float32 (FlashInfer's
 kernels take float16 / bfloat16), and policies that select slots per query head
-(clusterkv, chelsea recall): use the Triton backend for those. Decode runs eagerly (no
-CUDA graphs) on this backend.
+(clusterkv, chelsea recall): use the Triton backend for those. Decode steps replay CUDA
+graphs as on the Triton backend (``--disable-cuda-graph`` runs them eagerly).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from sglang_chelsea.attention.base_backend import AttentionBackend
+from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool
 from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,9 @@ def jit_args(dtype: torch.dtype, head_dim: int) -> list[Any]:
 
 @dataclass
 class FlashInferMetadata:
-    """This pass's wrapper and its plan arguments; the first layer plans it (the number of
-    query heads is known from its ``q``), the others reuse the plan."""
+    """This pass's wrapper and its plan arguments (qo_indptr, kv_indptr, kv_indices,
+    last_page_len). The first layer plans it (the number of query heads is known from its
+    ``q``); the others reuse the plan."""
 
     wrapper: Any
     plan_args: tuple
@@ -121,51 +123,107 @@ class FlashInferMetadata:
     planned: bool = False
 
 
+def _plan_args(seq_lens: list[int], extend_lens: list[int], slot_rows: list[torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashInfer's paged lists (page size 1, on the CPU) for requests with these KV and
+    query lengths and slot lists."""
+    bsz = len(seq_lens)
+    kv_indptr = torch.zeros(bsz + 1, dtype=torch.int32)
+    kv_indptr[1:] = torch.cumsum(torch.tensor(seq_lens, dtype=torch.int64), 0)
+    qo_indptr = torch.zeros(bsz + 1, dtype=torch.int32)
+    qo_indptr[1:] = torch.cumsum(torch.tensor(extend_lens, dtype=torch.int64), 0)
+    kv_indices = torch.cat(slot_rows).to(torch.int32)
+    return qo_indptr, kv_indptr, kv_indices, torch.ones(bsz, dtype=torch.int32)
+
+
 class FlashInferAttnBackend(AttentionBackend):
-    """Paged attention with the per-slot size bias in a FlashInfer custom variant (GPU)."""
+    """Paged attention with the per-slot size bias in a FlashInfer custom variant (GPU).
+
+    Decode runs from CUDA graphs (``CudaGraphRunner``) through one CUDA-graph wrapper per
+    captured batch size: its index buffers are static, and each replay re-plans it with the
+    step's lists (on the host, outside the graph), as FlashInfer's graph mode expects.
+    """
 
     def __init__(self) -> None:
         self._flashinfer = import_flashinfer()
         self._wrapper: Any = None
-        self._key: tuple[torch.dtype, int, torch.device] | None = None
+        self._workspace: torch.Tensor | None = None
+        self._graph_wrappers: dict[int, Any] = {}
+        self._graph_indices: torch.Tensor | None = None
+        self._num_q_heads = 0
         self.host_pool = None  # the model runner sets it for recall policies (refused here)
 
-    def _get_wrapper(self, dtype: torch.dtype, head_dim: int, device: torch.device) -> Any:
-        """The wrapper for this dtype and head size, JIT-compiling the variant on first use."""
-        key = (dtype, head_dim, device)
-        if self._wrapper is None or self._key != key:
-            if dtype not in (torch.float16, torch.bfloat16):
-                raise ValueError(f"the flashinfer backend needs float16 or bfloat16, got {dtype}")
-            t0 = time.perf_counter()
+    def _new_wrapper(self, pool: MHATokenToKVPool, **graph_buffers: torch.Tensor) -> Any:
+        """A wrapper running the size-bias variant for the pool's dtype and head size
+        (nvcc compiles the variant the first time on a machine; later loads are cached).
+        Wrappers share one workspace: their passes never overlap."""
+        k0 = pool.k_buffer[0]
+        if k0.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"the flashinfer backend needs float16 or bfloat16, got {k0.dtype}")
+        first = self._workspace is None
+        t0 = time.perf_counter()
+        if first:
             logger.info("FlashInfer: loading the size-bias attention variant for %s, head dim "
                         "%d (nvcc compiles it on the first run on a machine; minutes)",
-                        dtype, head_dim)
-            workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-            self._wrapper = self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                workspace, kv_layout="HND", backend="fa2", jit_args=jit_args(dtype, head_dim),
-                jit_kwargs={"paged_kv_stride_mode": "equal"})
-            self._key = key
+                        k0.dtype, pool.head_dim)
+            self._workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=k0.device)
+        wrapper = self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self._workspace, kv_layout="HND", backend="fa2", use_cuda_graph=bool(graph_buffers),
+            jit_args=jit_args(k0.dtype, pool.head_dim),
+            jit_kwargs={"paged_kv_stride_mode": "equal"}, **graph_buffers)
+        if first:
             logger.info("FlashInfer: variant ready in %.1f s", time.perf_counter() - t0)
-        return self._wrapper
+        return wrapper
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         pool = forward_batch.token_to_kv_pool
-        k0 = pool.k_buffer[0]
-        wrapper = self._get_wrapper(k0.dtype, pool.head_dim, k0.device)
-        bsz = forward_batch.batch_size
-        lengths = torch.tensor(forward_batch.seq_lens, dtype=torch.int64)
-        kv_indptr = torch.zeros(bsz + 1, dtype=torch.int32)
-        kv_indptr[1:] = torch.cumsum(lengths, 0)
-        qo_indptr = torch.zeros(bsz + 1, dtype=torch.int32)
-        qo_indptr[1:] = torch.cumsum(torch.tensor(forward_batch.extend_seq_lens,
-                                                  dtype=torch.int64), 0)
+        if self._wrapper is None:
+            self._wrapper = self._new_wrapper(pool)
         table = forward_batch.req_to_token_pool.req_to_token
-        kv_indices = torch.cat([table[r, :n] for r, n in
-                                zip(forward_batch.req_pool_indices, forward_batch.seq_lens)])
+        qo_indptr, kv_indptr, kv_indices, last = _plan_args(
+            forward_batch.seq_lens, forward_batch.extend_seq_lens,
+            [table[r, :n] for r, n in zip(forward_batch.req_pool_indices,
+                                           forward_batch.seq_lens)])
         forward_batch.attn_metadata = FlashInferMetadata(
-            wrapper, (qo_indptr, kv_indptr, kv_indices.to(k0.device, torch.int32),
-                      torch.ones(bsz, dtype=torch.int32)),
+            self._wrapper, (qo_indptr, kv_indptr, kv_indices.to(pool.k_buffer[0].device), last),
             causal=not forward_batch.forward_mode.is_decode())
+
+    def init_cuda_graph_state(self, max_bs: int, pool: MHATokenToKVPool,
+                              max_context_len: int) -> None:
+        # One index buffer shared by the graph wrappers (one graph replays at a time): the
+        # whole pool plus a padding slot per row.
+        self._graph_indices = torch.zeros(pool.size + max_bs + 1, dtype=torch.int32,
+                                          device=pool.k_buffer[0].device)
+        self._graph_pool = pool
+
+    def init_forward_metadata_capture_cuda_graph(self, bs: int) -> FlashInferMetadata:
+        dev = self._graph_pool.k_buffer[0].device
+        if self._wrapper is None:  # compiles / loads the variant before any graph
+            self._wrapper = self._new_wrapper(self._graph_pool)
+        wrapper = self._new_wrapper(
+            self._graph_pool,
+            qo_indptr_buf=torch.arange(bs + 1, dtype=torch.int32, device=dev),
+            paged_kv_indptr_buf=torch.arange(bs + 1, dtype=torch.int32, device=dev),
+            paged_kv_indices_buf=self._graph_indices,
+            paged_kv_last_page_len_buf=torch.ones(bs, dtype=torch.int32, device=dev))
+        self._graph_wrappers[bs] = wrapper
+        # Capture-time lists: each request attends to the padding slot 0 only.
+        ones = [1] * bs
+        return FlashInferMetadata(wrapper, _plan_args(ones, ones, [torch.zeros(bs)]),
+                                  causal=False)
+
+    def init_forward_metadata_replay_cuda_graph(self, forward_batch: ForwardBatch,
+                                                padded_bs: int) -> None:
+        pad = padded_bs - forward_batch.batch_size
+        table = forward_batch.req_to_token_pool.req_to_token
+        rows = [table[r, :n] for r, n in zip(forward_batch.req_pool_indices,
+                                               forward_batch.seq_lens)]
+        args = _plan_args(list(forward_batch.seq_lens) + [1] * pad, [1] * padded_bs,
+                          rows + [torch.zeros(pad, dtype=torch.int32)])
+        pool = self._graph_pool
+        self._graph_wrappers[padded_bs].plan(
+            *args, self._num_q_heads, pool.num_kv_heads, pool.head_dim, 1, causal=False,
+            q_data_type=pool.dtype, kv_data_type=pool.dtype)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 forward_batch: ForwardBatch, scaling: float) -> torch.Tensor:
@@ -180,6 +238,7 @@ class FlashInferAttnBackend(AttentionBackend):
         weight = pool.weight_buffer[layer_id]
         meta: FlashInferMetadata = forward_batch.attn_metadata
         if not meta.planned:
+            self._num_q_heads = q.shape[1]
             meta.wrapper.plan(*meta.plan_args, q.shape[1], pool.num_kv_heads, pool.head_dim, 1,
                               causal=meta.causal, q_data_type=q.dtype, kv_data_type=k_cache.dtype)
             meta.planned = True

@@ -134,6 +134,34 @@ class TritonAttnBackend(AttentionBackend):
             q_start=q_start.to(device, non_blocking=True), num_kv_splits=splits,
             offsets=indptr.tolist())
 
+    def init_cuda_graph_state(self, max_bs: int, pool: MHATokenToKVPool,
+                              max_context_len: int) -> None:
+        dev = pool.k_buffer[0].device
+        # Capture-time lists: one slot (the padding slot 0) per request; the index buffer
+        # holds the whole pool, so any mix of lengths fits at replay.
+        self._graph_indptr = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self._graph_indices = torch.zeros(pool.size + 1, dtype=torch.int32, device=dev)
+        self._graph_q_start = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self._graph_shape = (pool.num_kv_heads, max_context_len, dev)
+
+    def init_forward_metadata_capture_cuda_graph(self, bs: int) -> TritonMetadata:
+        kv_heads, context_len, dev = self._graph_shape
+        # The split count is fixed in the graph: chosen for the longest context.
+        splits = self.num_kv_splits(bs, kv_heads, context_len, dev)
+        return TritonMetadata(self._graph_indptr[:bs + 1], self._graph_indices,
+                              self._graph_q_start[:bs], splits)
+
+    def init_forward_metadata_replay_cuda_graph(self, forward_batch: ForwardBatch,
+                                                padded_bs: int) -> None:
+        bs = forward_batch.batch_size
+        indptr, indices = flatten_slot_lists(forward_batch.req_to_token_pool.req_to_token,
+                                             forward_batch.req_pool_indices,
+                                             list(forward_batch.seq_lens))
+        self._graph_indptr[:bs + 1].copy_(indptr, non_blocking=True)
+        if padded_bs > bs:  # extra rows: empty lists
+            self._graph_indptr[bs + 1:padded_bs + 1].fill_(int(indptr[-1]))
+        self._graph_indices[:indices.numel()].copy_(indices, non_blocking=True)
+
     @staticmethod
     def _store_new_kv(layer_id: int, forward_batch: ForwardBatch, k: torch.Tensor,
                       v: torch.Tensor

@@ -2,9 +2,12 @@
 
 A decode step of a large model launches about a thousand small kernels; on a GPU their
 launch cost, not the weights or the KV cache, sets the step time at short contexts. The
-runner captures the whole decode forward (model and Triton attention) once per padded
-batch size into static input buffers; a step copies its token ids, positions, output
-slots and flattened slot lists into them and replays the graph.
+runner captures the whole decode forward (model and attention) once per padded batch size
+into static input buffers; a step copies its token ids, positions and output slots into
+them, lets the attention backend put its flattened slot lists into its own graph buffers
+(SGLang's ``init_cuda_graph_state`` / ``init_forward_metadata_capture_cuda_graph`` /
+``init_forward_metadata_replay_cuda_graph``; Triton and FlashInfer implement them) and
+replays the graph.
 
 What stays fixed in a graph: the batch size (a step runs in the smallest captured size
 that holds it; the extra rows attend to nothing, write to the padding slot 0 and are
@@ -23,7 +26,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sglang_chelsea.attention.triton_backend import TritonMetadata, flatten_slot_lists
 from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
@@ -39,21 +41,18 @@ def capture_batch_sizes(max_bs: int) -> list[int]:
 
 
 class CudaGraphRunner:
-    """Captures and replays decode forwards for the Triton backend on a CUDA device."""
+    """Captures and replays decode forwards on a CUDA device (Triton or FlashInfer backend)."""
 
     def __init__(self, model_runner: "ModelRunner", max_bs: int) -> None:
         self.model_runner = model_runner
         self.max_bs = max_bs
         self.batch_sizes = capture_batch_sizes(max_bs)
         dev = model_runner.device
-        pool = model_runner.token_to_kv_pool
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.out_cache_loc = torch.zeros(max_bs, dtype=torch.int64, device=dev)
-        # Capture-time lists: one slot (the padding slot 0) per request.
-        self.kv_indptr = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
-        self.kv_indices = torch.zeros(pool.size + 1, dtype=torch.int32, device=dev)
-        self.q_start = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        model_runner.attn_backend.init_cuda_graph_state(max_bs, model_runner.token_to_kv_pool,
+                                                        model_runner.context_len)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.mempool = torch.cuda.graph_pool_handle()
@@ -72,9 +71,7 @@ class CudaGraphRunner:
             req_pool_indices=[0] * bs, seq_lens=[1] * bs, extend_prefix_lens=[0] * bs,
             extend_seq_lens=[1] * bs, req_to_token_pool=mr.req_to_token_pool,
             token_to_kv_pool=pool, attn_backend=mr.attn_backend)
-        splits = mr.attn_backend.num_kv_splits(bs, pool.num_kv_heads, mr.context_len, mr.device)
-        fb.attn_metadata = TritonMetadata(self.kv_indptr[:bs + 1], self.kv_indices,
-                                          self.q_start[:bs], splits)
+        fb.attn_metadata = mr.attn_backend.init_forward_metadata_capture_cuda_graph(bs)
         return fb
 
     def _run(self, fb: ForwardBatch) -> torch.Tensor:
@@ -106,19 +103,15 @@ class CudaGraphRunner:
         """Logits ``[B, V]`` of a decode batch (index tensors on the CPU)."""
         bs = forward_batch.batch_size
         padded = next(b for b in self.batch_sizes if b >= bs)
-        indptr, indices = flatten_slot_lists(forward_batch.req_to_token_pool.req_to_token,
-                                             forward_batch.req_pool_indices,
-                                             list(forward_batch.seq_lens))
         self.input_ids[:bs].copy_(forward_batch.input_ids, non_blocking=True)
         self.positions[:bs].copy_(forward_batch.positions, non_blocking=True)
         self.out_cache_loc[:bs].copy_(forward_batch.out_cache_loc, non_blocking=True)
-        self.kv_indptr[:bs + 1].copy_(indptr, non_blocking=True)
-        if padded > bs:  # extra rows: empty lists, token 0 written to the padding slot
+        if padded > bs:  # extra rows: token 0 written to (and read from) the padding slot
             self.input_ids[bs:padded].zero_()
             self.positions[bs:padded].zero_()
             self.out_cache_loc[bs:padded].zero_()
-            self.kv_indptr[bs + 1:padded + 1].fill_(int(indptr[-1]))
-        self.kv_indices[:indices.numel()].copy_(indices, non_blocking=True)
+        self.model_runner.attn_backend.init_forward_metadata_replay_cuda_graph(
+            forward_batch, padded)
         self.graphs[padded].replay()
         logits = self.logits[padded][:bs]
         rows = forward_batch.logits_rows

@@ -204,7 +204,8 @@ class ModelRunner:
         if self.host_pool is not None:
             self.attn_backend.host_pool = self.host_pool
         self.cuda_graph_runner: Optional["CudaGraphRunner"] = None
-        if (self.device.type == "cuda" and server_args.attention_backend == "triton"
+        if (self.device.type == "cuda" and server_args.attention_backend in ("triton",
+                                                                              "flashinfer")
                 and not server_args.disable_cuda_graph and self.tp_size == 1):
             from sglang_chelsea.model_executor.cuda_graph_runner import CudaGraphRunner
 
