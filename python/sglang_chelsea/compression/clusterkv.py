@@ -82,6 +82,14 @@ class ReqIndex:
     # Triton selection only: cluster sizes [L', kv_heads, K] and each token's index in its
     # cluster [L', kv_heads, n] (query-independent, so computed once per concatenation).
     members: tuple[torch.Tensor, torch.Tensor] | None = None
+    slots_dev: torch.Tensor | None = None  # ``slots`` on the selection's device (cached)
+
+    def slots_on(self, device: torch.device) -> torch.Tensor:
+        """``slots`` on ``device`` (copied once per concatenation, not per layer)."""
+        assert self.slots is not None
+        if self.slots_dev is None or self.slots_dev.device != device:
+            self.slots_dev = self.slots.to(device)
+        return self.slots_dev
 
 
 class ClusterKVPolicy(KVCompressor):
@@ -348,6 +356,7 @@ class ClusterKVPolicy(KVCompressor):
         state: ReqIndex = req.kv_policy_state
         ppw = self.window // self.page
         state.end = sum(req.page_lens[:len(state.window_ids) * ppw])
+        state.slots_dev = None
         if not state.window_ids:
             state.slots = state.centroids = state.labels = state.on_host = None
             return
@@ -433,12 +442,13 @@ class ClusterKVSelector(SlotSelector):
             args = (q[0], state.centroids[layer], state.labels[layer], policy.budget)
             if state.members is not None:  # the Triton kernel's precomputed cluster members
                 args += ((state.members[0][layer], state.members[1][layer]),)
-            pos = policy.select_tokens(*args)
-            chosen = state.slots[pos]
+            pos = policy.select_tokens(*args)  # on the device of the centroids
+            chosen = state.slots_on(pos.device)[pos]
             policy.selected_tokens += pos.numel()
             policy.candidate_tokens += n * n_q
             policy.select_time += time.perf_counter() - t0
         dev = self.device
+        fixed = fixed.to(chosen.device)
         if state.on_host is None:
             return Selection(torch.cat([fixed.expand(n_q, -1), chosen], dim=1).to(dev))
         tier = self.tiers[i]
@@ -446,11 +456,12 @@ class ClusterKVSelector(SlotSelector):
             return Selection(fixed.to(dev), host_slots=chosen.to(dev), host_tier=tier)
         # Some windows stayed on the device (the host tier was full): each chosen token is
         # read from its own tier, the other tier's entry masked.
-        on_host = (state.on_host.expand(n_q, -1) if pos is None else state.on_host[pos])
-        zero = torch.zeros(chosen.shape)
+        on_host = state.on_host.to(chosen.device)
+        on_host = on_host.expand(n_q, -1) if pos is None else on_host[pos]
+        zero = torch.zeros(chosen.shape, device=chosen.device)
         return Selection(
             torch.cat([fixed.expand(n_q, -1), chosen.masked_fill(on_host, 0)], dim=1).to(dev),
-            log_weight=torch.cat([torch.zeros(n_q, fixed.numel()),
+            log_weight=torch.cat([torch.zeros(n_q, fixed.numel(), device=chosen.device),
                                   zero.masked_fill(on_host, float("-inf"))], dim=1).to(dev),
             host_slots=chosen.masked_fill(~on_host, 0).to(dev),
             host_log_weight=zero.masked_fill(~on_host, float("-inf")).to(dev), host_tier=tier)
