@@ -94,7 +94,21 @@ def test_selecting_policies_on_triton_match_torch_backend(tiny_llama_dir: str, n
         return lists
 
     monkeypatch.setattr(TritonAttnBackend, "_head_lists", spy)
+    # ClusterKV's decode layers take the batched lane (one selection for all requests).
+    from sglang_chelsea.compression.base import BatchSelection
+    from sglang_chelsea.compression.clusterkv import ClusterKVSelector
+
+    batched: list[bool] = []
+    select_batch = ClusterKVSelector.select_batch
+
+    def spy_batch(self, *args):
+        out = select_batch(self, *args)
+        batched.append(isinstance(out, BatchSelection))
+        return out
+
+    monkeypatch.setattr(ClusterKVSelector, "select_batch", spy_batch)
     got, kv_got = _run_selecting(tiny_llama_dir, "triton", SELECTING[name])
+    assert any(batched) == (name == "clusterkv")
     # ClusterKV selects at decode only; recall in decode and in prefill chunks, from the host;
     # offloaded ClusterKV reads its windows from the host in both.
     assert paths == ({(True, False)} if name == "clusterkv" else {(True, True), (False, True)})

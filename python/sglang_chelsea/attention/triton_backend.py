@@ -183,6 +183,12 @@ class TritonAttnBackend(AttentionBackend):
         meta: TritonMetadata = forward_batch.attn_metadata
         assert meta.offsets is not None
         decode = forward_batch.forward_mode.is_decode()
+        if decode:  # the selector's batched lane, when it has one
+            batch = selector.select_batch(layer_id, q, meta.kv_indices, meta.offsets)
+            if batch is None:
+                return None
+            if batch is not NotImplemented:
+                return HeadLists(batch.indptr, batch.indices, batch.bias, batch.max_len, None)
         sels: list[Selection | None] = []
         start = 0
         for i in range(forward_batch.batch_size):

@@ -78,8 +78,29 @@ class Selection:
     host_tier: Any = None
 
 
+@dataclass
+class BatchSelection:
+    """Every request's per-query-head lists in one decode layer, on the device: row
+    ``b * q_heads + h`` of ``indptr`` spans its pool slots in ``indices`` (int32), with a
+    logit bias per entry in ``bias`` (float32); ``max_len`` is the longest row."""
+
+    indptr: "torch.Tensor"
+    indices: "torch.Tensor"
+    bias: "torch.Tensor"
+    max_len: int
+
+
 class SlotSelector(ABC):
     """Per forward pass: which slots each query head of a request attends to."""
+
+    def select_batch(self, layer_id: int, q: "torch.Tensor", kv_indices: "torch.Tensor",
+                     offsets: list[int]) -> Any:
+        """Optional fast lane for a decode layer: all requests' lists at once, given the
+        queries ``q [B, q_heads, D]`` and the batch's flattened slot lists (``kv_indices``
+        on the device, request ``i`` at ``offsets[i]:offsets[i + 1]``). Returns a
+        :class:`BatchSelection`, None (no request selects in this layer: the plain lists),
+        or ``NotImplemented`` (ask :meth:`select` request by request)."""
+        return NotImplemented
 
     @abstractmethod
     def select(self, layer_id: int, i: int, q: "torch.Tensor", n_slots: int

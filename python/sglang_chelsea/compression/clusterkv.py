@@ -36,6 +36,9 @@ import torch
 
 from sglang_chelsea.compression.base import (KVCompressor, Selection, SlotSelector,
                                              register_compressor, shrink_page)
+from sglang_chelsea.compression.clusterkv_batch import (BatchIndex, BatchPlan,
+                                                        build_batch_index, plan_batch,
+                                                        select_batch)
 from sglang_chelsea.kernels.cluster_select import select_cluster_tokens
 from sglang_chelsea.kernels.kmeans import cosine_kmeans
 from sglang_chelsea.mem_cache.host_pool import (DeviceWorkingSet, HostReader, HostStream,
@@ -83,6 +86,9 @@ class ReqIndex:
     # cluster [L', kv_heads, n] (query-independent, so computed once per concatenation).
     members: tuple[torch.Tensor, torch.Tensor] | None = None
     slots_dev: torch.Tensor | None = None  # ``slots`` on the selection's device (cached)
+    version: int = 0  # a new number at each concatenation (keys the batched index)
+    # (sizes, starts, members) of each layer's clusters, for batched selection (lazily).
+    member_lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def slots_on(self, device: torch.device) -> torch.Tensor:
         """``slots`` on ``device`` (copied once per concatenation, not per layer)."""
@@ -114,6 +120,8 @@ class ClusterKVPolicy(KVCompressor):
         self.offload = server_args.kv_offload
         self.windows: dict[int, WindowIndex] = {}
         self.next_id = 0
+        self.next_version = 0
+        self.batch_index: BatchIndex | None = None  # cached across decode steps
         self.pool: MHATokenToKVPool | None = None
         self.allocator: TokenToKVPoolAllocator | None = None
         self.window_of_slot: torch.Tensor | None = None
@@ -156,6 +164,7 @@ class ClusterKVPolicy(KVCompressor):
     def reset(self) -> None:
         """On flush_cache: every slot is free again, so every window index goes."""
         self.windows.clear()
+        self.batch_index = None
         if self.window_of_slot is not None:
             self.window_of_slot.fill_(-1)
         if self.host is not None:
@@ -356,7 +365,9 @@ class ClusterKVPolicy(KVCompressor):
         state: ReqIndex = req.kv_policy_state
         ppw = self.window // self.page
         state.end = sum(req.page_lens[:len(state.window_ids) * ppw])
-        state.slots_dev = None
+        state.slots_dev = state.member_lists = None
+        self.next_version += 1
+        state.version = self.next_version
         if not state.window_ids:
             state.slots = state.centroids = state.labels = state.on_host = None
             return
@@ -391,6 +402,14 @@ class ClusterKVPolicy(KVCompressor):
             return None
         return ClusterKVSelector(self, scheduler, reqs, decode)
 
+    def batch_index_of(self, states: list[ReqIndex], device: torch.device) -> BatchIndex:
+        """The padded index of these requests, rebuilt only when one of them changed."""
+        key = tuple(s.version for s in states)
+        if self.batch_index is None or self.batch_index.key != key:
+            self.batch_index = None  # free the old one first
+            self.batch_index = build_batch_index(states, device)
+        return self.batch_index
+
 
 class ClusterKVSelector(SlotSelector):
     """Sinks + the best clusters within the budget + the unclustered tail, per query head.
@@ -402,8 +421,12 @@ class ClusterKVSelector(SlotSelector):
                  decode: bool) -> None:
         self.policy = policy
         self.reqs = reqs
+        self.decode = decode
         self.table = scheduler.req_to_token_pool.req_to_token
         self.device = scheduler.token_to_kv_pool.k_buffer[0].device
+        self.uniform_weights = scheduler.token_to_kv_pool.uniform_weights
+        self.plan: BatchPlan | None = None
+        self.planned = False
         self.tiers: list[Any] = [None] * len(reqs)
         if policy.offload:
             link = policy.decode_link if decode else policy.prefill_link
@@ -417,6 +440,32 @@ class ClusterKVSelector(SlotSelector):
                           for r, h in zip(reqs, hosted)]
             if decode and any(hosted):
                 policy.offload_decode_steps += 1
+
+    def select_batch(self, layer_id: int, q: torch.Tensor, kv_indices: torch.Tensor,
+                     offsets: list[int]) -> Any:
+        """All requests at once (decode, torch kernels, no host tier); see clusterkv_batch."""
+        policy = self.policy
+        if not self.decode or policy.offload or policy.triton or not self.uniform_weights:
+            return NotImplemented
+        if layer_id < policy.full_layers:
+            return None
+        states = [r.kv_policy_state if isinstance(r.kv_policy_state, ReqIndex) else None
+                  for r in self.reqs]
+        if not self.planned:  # the layout is the same in every selecting layer
+            self.plan = plan_batch(states, offsets, q.shape[1], policy.budget,
+                                   policy.sink_tokens, kv_indices.numel(), q.device)
+            self.planned = True
+        if self.plan is None:
+            return None
+        t0 = time.perf_counter()
+        chosen = [states[i] for i in self.plan.selecting]
+        index = policy.batch_index_of(chosen, q.device)  # type: ignore[arg-type]
+        out = select_batch(self.plan, index, layer_id - policy.full_layers, q, kv_indices,
+                           policy.budget)
+        policy.selected_tokens += len(chosen) * q.shape[1] * policy.budget
+        policy.candidate_tokens += sum(s.slots.numel() for s in chosen) * q.shape[1]
+        policy.select_time += time.perf_counter() - t0
+        return out
 
     def select(self, layer_id: int, i: int, q: torch.Tensor, n_slots: int
                ) -> Selection | None:
