@@ -68,9 +68,11 @@ def _run_selecting(model_path: str, backend: str, policy: dict) -> tuple[list[di
     engine = Engine(model_path=model_path, attention_backend=backend, max_total_tokens=3000,
                     log_level="warning", chunked_prefill_size=64, **policy)
     try:
-        # A long prompt (selections in decode; for recall also in its later prefill chunks,
-        # over the compressed prefix) batched with a short one (no selection: whole lists).
-        out = engine.generate(input_ids=[random_ids(200, 3), random_ids(40, 4)],
+        # Two long prompts (selections in decode; for recall also in their later prefill
+        # chunks, over the compressed prefix) batched with a short one (no selection: whole
+        # lists).
+        out = engine.generate(input_ids=[random_ids(200, 3), random_ids(40, 4),
+                                         random_ids(170, 5)],
                               sampling_params=PARAMS, return_logprob=True)
         return out, engine.get_server_info()["kv_cache"]
     finally:

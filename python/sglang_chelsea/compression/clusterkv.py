@@ -457,6 +457,10 @@ class ClusterKVSelector(SlotSelector):
             self.planned = True
         if self.plan is None:
             return None
+        if len(self.plan.selecting) < 2:
+            # One selecting request: its own ops are fewer (H200, 8k / 32k, batch 1: 41 /
+            # 45 ms per step request by request, 53 / 54 ms batched; docs/gpu.md).
+            return NotImplemented
         t0 = time.perf_counter()
         chosen = [states[i] for i in self.plan.selecting]
         index = policy.batch_index_of(chosen, q.device)  # type: ignore[arg-type]
