@@ -168,6 +168,9 @@ def chunked_soft_matching(
 
     # Unit directions of the centroid keys, refreshed only for the rows a round changed.
     unit_rows = _normalized(rows[:, :d])
+    # Scratch buffers reused by every round: on the CPU a fresh large tensor each round
+    # costs more in page faults than the gather or product that fills it.
+    work = _Workspace(dev)
 
     rounds = 0
     while max_rounds is None or rounds < max_rounds:
@@ -177,19 +180,26 @@ def chunked_soft_matching(
             break
         eligible = alive & ~prot
         # The eligible positions in order; even ranks form A, odd ranks B.
-        e_idx, e_valid = _positions_of(eligible, torch.cumsum(eligible, dim=-1) - 1, flat_pos)
+        rank = torch.cumsum(eligible, dim=-1,
+                            out=work.take("rank", n * h * c, torch.int64).view(n, h, c)).sub_(1)
+        e_idx, e_valid = _positions_of(eligible, rank, flat_pos)
         if e_idx.shape[-1] < 2:
             break
         a_idx, a_valid = e_idx[..., 0::2], e_valid[..., 0::2]
         b_idx, b_valid = e_idx[..., 1::2], e_valid[..., 1::2]
 
-        ke = _select_rows(unit_rows, e_idx + row_base)
+        flat_e = (e_idx + row_base).view(-1)
+        ke = torch.index_select(unit_rows, 0, flat_e,
+                                out=work.take("ke", flat_e.numel() * d, unit_rows.dtype).view(-1, d)
+                                ).view(n, h, -1, d)
         ka, kb = ke[..., 0::2, :], ke[..., 1::2, :]
         # -inf on the padding columns, added by the batched product itself.
         b_pad = torch.zeros(b_valid.shape, dtype=ka.dtype, device=dev).masked_fill_(~b_valid, -inf)
-        sim = torch.baddbmm(b_pad[..., None, :].view(-1, 1, b_pad.shape[-1]),
-                            ka.view(-1, *ka.shape[-2:]),
-                            kb.view(-1, *kb.shape[-2:]).transpose(-1, -2)).view(n, h, -1, kb.shape[-2])
+        na, nb = ka.shape[-2], kb.shape[-2]
+        sim = torch.baddbmm(b_pad[..., None, :].view(-1, 1, nb), ka.reshape(-1, na, d),
+                            kb.reshape(-1, nb, d).transpose(-1, -2),
+                            out=work.take("sim", n * h * na * nb, ka.dtype).view(-1, na, nb)
+                            ).view(n, h, na, nb)
         best, best_j = sim.max(dim=-1)  # first maximum = lowest B position
         partner = b_idx.gather(2, best_j)
 
@@ -207,14 +217,19 @@ def chunked_soft_matching(
         src = (a_idx + row_base).view(-1).index_select(0, sel)
         dst_pos = partner.view(-1).index_select(0, sel)
         dst = (partner + row_base).view(-1).index_select(0, sel)
-        rows.index_add_(0, dst, rows.index_select(0, src))
+        moved = work.take("moved", src.numel() * rows.shape[1], rows.dtype).view(-1, rows.shape[1])
+        rows.index_add_(0, dst, torch.index_select(rows, 0, src, out=moved))
         # A B row joined by several A rows appears several times; each copy writes the same.
-        unit_rows.index_copy_(0, dst, _normalized(rows.index_select(0, dst)[:, :d]))
+        joined = torch.index_select(rows, 0, dst, out=moved)
+        unit_rows.index_copy_(0, dst, _normalized(joined[:, :d]))
 
         alive.view(-1).index_fill_(0, src, False)
-        target_of = pos.expand(n, h, c).clone()
+        target_of = work.take("target_of", n * h * c, torch.int64).view(n, h, c)
+        target_of.copy_(pos.expand(n, h, c))
         target_of.view(-1).index_copy_(0, src, dst_pos)
-        root = target_of.gather(2, root)
+        # Two root buffers in turn: gather's output must not alias its index.
+        root = torch.gather(target_of, 2, root,
+                            out=work.take(f"root{rounds % 2}", n * h * c, torch.int64).view(n, h, c))
         rounds += 1
 
     return _compact(keys.dtype, values.dtype, sums, d, alive, root)
@@ -239,9 +254,21 @@ def _positions_of(mask: Tensor, rank: Tensor, flat_pos: Tensor) -> tuple[Tensor,
     return idx.view(n, h, width), valid
 
 
-def _select_rows(x: Tensor, rows: Tensor) -> Tensor:
-    """Rows ``rows`` (``[N, H, W]`` row numbers) of ``x`` (``[R, D]``) -> ``[N, H, W, D]``."""
-    return x.index_select(0, rows.reshape(-1)).view(*rows.shape, x.shape[-1])
+class _Workspace:
+    """Named flat scratch buffers, grown on demand and handed out as prefixes."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: dict[str, Tensor] = {}
+
+    def take(self, name: str, numel: int, dtype: torch.dtype) -> Tensor:
+        """The first ``numel`` elements of the ``dtype`` buffer called ``name``, grown when
+        too small."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=self.device)
+            self.buffers[name] = buf
+        return buf[:numel]
 
 
 def _normalized(x: Tensor) -> Tensor:

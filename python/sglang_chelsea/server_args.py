@@ -64,6 +64,7 @@ class ServerArgs:
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     attention_backend: str = "auto"
+    disable_cpu_malloc_tuning: bool = False
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: Optional[int] = None
     random_seed: int = 0
@@ -306,6 +307,9 @@ class ServerArgs:
                        choices=list(ATTENTION_BACKEND_CHOICES),
                        help="auto (triton on a GPU, torch on the CPU), torch, triton, or "
                        "flashinfer (GPU, float16/bfloat16; needs flashinfer-python)")
+        g.add_argument("--disable-cpu-malloc-tuning", action="store_true",
+                       help="On the CPU, let glibc return freed large blocks to the system "
+                       "(by default they stay in the heap: fewer page faults, peak RSS kept)")
         g.add_argument("--disable-cuda-graph", action="store_true",
                        help="Run decode eagerly on a GPU instead of replaying CUDA graphs")
         g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs,

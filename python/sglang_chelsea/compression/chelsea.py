@@ -23,6 +23,7 @@ from sglang_chelsea.compression.base import (KVCompressor, SlotSelector, page_sl
 from sglang_chelsea.compression.chelsea_recall import RecallSelector, RecallStore
 from sglang_chelsea.distributed.parallel_state import get_tp_group
 from sglang_chelsea.kernels.chunked_soft_matching import MergeResult, chunked_soft_matching
+from sglang_chelsea.mem_cache.memory_pool import head_rows
 
 if TYPE_CHECKING:
     from sglang_chelsea.mem_cache.host_pool import HostKVPool
@@ -144,24 +145,28 @@ class ChelseaCompressor(KVCompressor):
         flat = slots.reshape(-1).to(device)
         n_layers = len(layers)
         h, d = pool.num_kv_heads, pool.head_dim
-        # [L * N, H, C, D]: each layer's rows gathered ([H, N * C, D]) and laid out per chunk.
-        keys = torch.empty(n_layers, n_chunks, h, c, d, dtype=pool.dtype, device=device)
+        # Each layer's rows gathered straight from the head-major pool ([H, N * C, D]): the
+        # matcher sees every (layer, head, chunk) as a chunk of one head, [L * H * N, 1, C, D]
+        # (its problems are independent), so no transposing copy is needed.
+        keys = torch.empty(n_layers, h, n_chunks * c, d, dtype=pool.dtype, device=device)
         values = torch.empty_like(keys)
+        rows = head_rows(torch.arange(h, device=device), flat[None, :],
+                         pool.size + 1)  # [H * N * C] rows of the [H * slots, D] views
         for j, layer in enumerate(layers):
-            for buf, out in ((pool.k_buffer[layer], keys[j]), (pool.v_buffer[layer], values[j])):
-                out.copy_(buf.index_select(1, flat).view(h, n_chunks, c, d).transpose(0, 1))
-        keys, values = keys.view(-1, h, c, d), values.view(-1, h, c, d)
+            torch.index_select(pool.k_buffer[layer].view(-1, d), 0, rows, out=keys[j].view(-1, d))
+            torch.index_select(pool.v_buffer[layer].view(-1, d), 0, rows, out=values[j].view(-1, d))
+        keys, values = keys.view(-1, 1, c, d), values.view(-1, 1, c, d)
         match = chunked_soft_matching
         if self.kernel == "triton":
             from sglang_chelsea.kernels.chunked_soft_matching_triton import (
                 chunked_soft_matching_triton as match)
         result = match(
-            keys, values, target=targets.to(device).repeat(n_layers),
+            keys, values, target=targets.to(device).repeat(n_layers * h),
             round_fraction=self.round_fraction, min_similarity=self.min_similarity,
-            protected=protected.to(device).repeat(n_layers, 1))
+            protected=protected.to(device).repeat(n_layers * h, 1))
         # Slots kept per chunk: the most centroids any compressed layer/head needs (all C
         # when some layers stay raw).
-        kept = result.num_kept.view(n_layers, n_chunks, h).amax(dim=(0, 2))  # [N]
+        kept = result.num_kept.view(n_layers, h, n_chunks).amax(dim=(0, 1))  # [N]
         if self.full_layers:
             kept = torch.full_like(kept, c)
         tp_group = get_tp_group()
@@ -169,7 +174,8 @@ class ChelseaCompressor(KVCompressor):
             tp_group.all_reduce(kept, dist.ReduceOp.MAX)
         kept = kept.cpu()
         if self.recall is not None:  # raw chunks to the host tier before centroids overwrite them
-            self.recall.add(slots.cpu(), kept, result.assignment.view(n_layers, n_chunks, h, c))
+            self.recall.add(slots.cpu(), kept,
+                            result.assignment.view(n_layers, h, n_chunks, c).transpose(1, 2))
         self._write_centroids(pool, layers, slots.cpu(), kept, result)
         return kept
 
@@ -190,16 +196,16 @@ class ChelseaCompressor(KVCompressor):
         dst = slots[n_idx, m_idx].to(device)
         pad_dst = slots[pad].to(device)
         n_idx, m_idx = n_idx.to(device), m_idx.to(device)
-        # Per layer [N, H, m_max, ...]; [n_idx, :, m_idx] picks the centroid rows: [rows, H, ...].
-        out_k = result.keys.view(n_layers, n_chunks, h, m_max, d)
-        out_v = result.values.view(n_layers, n_chunks, h, m_max, -1)
-        out_w = result.sizes.view(n_layers, n_chunks, h, m_max)
+        # Per layer [H, N, m_max, ...]; [:, n_idx, m_idx] picks the centroid rows: [H, rows, ...].
+        out_k = result.keys.view(n_layers, h, n_chunks, m_max, d)
+        out_v = result.values.view(n_layers, h, n_chunks, m_max, -1)
+        out_w = result.sizes.view(n_layers, h, n_chunks, m_max)
         if not self.size_bias:
             out_w = (out_w > 0).to(out_w.dtype)
         for j, layer in enumerate(layers):
-            pool.k_buffer[layer][:, dst] = out_k[j][n_idx, :, m_idx].transpose(0, 1).to(pool.dtype)
-            pool.v_buffer[layer][:, dst] = out_v[j][n_idx, :, m_idx].transpose(0, 1).to(pool.dtype)
-            pool.weight_buffer[layer][:, dst] = out_w[j][n_idx, :, m_idx].transpose(0, 1)
+            pool.k_buffer[layer][:, dst] = out_k[j][:, n_idx, m_idx].to(pool.dtype)
+            pool.v_buffer[layer][:, dst] = out_v[j][:, n_idx, m_idx].to(pool.dtype)
+            pool.weight_buffer[layer][:, dst] = out_w[j][:, n_idx, m_idx]
             if pad_dst.numel():
                 pool.weight_buffer[layer][:, pad_dst] = 0.0
         kept_slots = slots[pos[None, :] < kept[:, None]].to(device)

@@ -34,6 +34,7 @@ from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch, Forwa
 from sglang_chelsea.model_loader import load_model, resolve_dtype
 from sglang_chelsea.models.llama import ARCHITECTURES
 from sglang_chelsea.server_args import ServerArgs
+from sglang_chelsea.utils.host_memory import retain_freed_host_memory
 
 if TYPE_CHECKING:
     from sglang_chelsea.model_executor.cuda_graph_runner import CudaGraphRunner
@@ -143,6 +144,8 @@ class ModelRunner:
         self.server_args = server_args
         if server_args.num_threads:
             torch.set_num_threads(server_args.num_threads)
+        if server_args.device == "cpu" and not server_args.disable_cpu_malloc_tuning:
+            retain_freed_host_memory()
         torch.manual_seed(server_args.random_seed)
         self.tp_group = get_tp_group()
         self.tp_rank = self.tp_group.rank if self.tp_group is not None else 0
