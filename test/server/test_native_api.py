@@ -4,7 +4,6 @@ info, load, metrics, health, flush_cache and abort_request."""
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 import time
 from typing import Any
