@@ -47,7 +47,7 @@ class Scheduler:
         self.tree_cache = RadixCache(self.req_to_token_pool, self.allocator, self.page_size,
                                      disable=server_args.disable_radix_cache)
         self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache)
-        self.sampler = Sampler()
+        self.sampler = Sampler(random_seed=server_args.random_seed)  # reproducible sampling
         self.eos_token_ids = list(self.model_config.eos_token_ids)
         self.grammar_backend = GrammarBackend(self.tokenizer, self.model_config.vocab_size,
                                               self.eos_token_ids)
