@@ -186,3 +186,22 @@ def test_flashinfer_engine_graphs_match_eager(policy: dict) -> None:
     for a, b in zip(graphs, eager):
         assert a["output_ids"] == b["output_ids"]
         assert max(abs(x - y) for x, y in zip(_logprobs(a), _logprobs(b))) < 1e-3
+
+
+def test_failed_jit_build_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine with flashinfer but no working nvcc: the first wrapper fails to build."""
+    import types
+
+    from sglang_chelsea.attention import flashinfer_backend
+    from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool
+
+    def broken_wrapper(*args, **kwargs):
+        raise RuntimeError("Ninja build failed\nnvcc: not found")
+
+    fake = types.SimpleNamespace(BatchPrefillWithPagedKVCacheWrapper=broken_wrapper)
+    monkeypatch.setattr(flashinfer_backend, "import_flashinfer", lambda: fake)
+    backend = flashinfer_backend.FlashInferAttnBackend()
+    pool = MHATokenToKVPool(8, 1, 2, 64, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="JIT-compiled with the CUDA toolkit.*Ninja build "
+                                           "failed; use --attention-backend triton"):
+        backend._new_wrapper(pool)

@@ -167,10 +167,18 @@ class FlashInferAttnBackend(AttentionBackend):
                         "%d (nvcc compiles it on the first run on a machine; minutes)",
                         k0.dtype, pool.head_dim)
             self._workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=k0.device)
-        wrapper = self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            self._workspace, kv_layout="HND", backend="fa2", use_cuda_graph=bool(graph_buffers),
-            jit_args=jit_args(k0.dtype, pool.head_dim),
-            jit_kwargs={"paged_kv_stride_mode": "equal"}, **graph_buffers)
+        try:
+            wrapper = self._flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                self._workspace, kv_layout="HND", backend="fa2",
+                use_cuda_graph=bool(graph_buffers), jit_args=jit_args(k0.dtype, pool.head_dim),
+                jit_kwargs={"paged_kv_stride_mode": "equal"}, **graph_buffers)
+        except (RuntimeError, OSError, ValueError) as exc:
+            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise RuntimeError(
+                "FlashInfer could not build or load its size-bias attention variant (it is "
+                "JIT-compiled with the CUDA toolkit's nvcc and ninja on first use, and needs "
+                f"flashinfer-python 0.7.x): {first_line}; use --attention-backend triton "
+                "instead") from exc
         if first:
             logger.info("FlashInfer: variant ready in %.1f s", time.perf_counter() - t0)
         return wrapper
