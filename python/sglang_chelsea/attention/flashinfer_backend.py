@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from sglang_chelsea.attention.base_backend import AttentionBackend
+from sglang_chelsea.attention.slot_lists import flatten_slot_lists, indptr_of
 from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool
 from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch
 
@@ -123,17 +124,12 @@ class FlashInferMetadata:
     planned: bool = False
 
 
-def _plan_args(seq_lens: list[int], extend_lens: list[int], slot_rows: list[torch.Tensor]
+def _plan_args(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, extend_lens: list[int]
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FlashInfer's paged lists (page size 1, on the CPU) for requests with these KV and
-    query lengths and slot lists."""
-    bsz = len(seq_lens)
-    kv_indptr = torch.zeros(bsz + 1, dtype=torch.int32)
-    kv_indptr[1:] = torch.cumsum(torch.tensor(seq_lens, dtype=torch.int64), 0)
-    qo_indptr = torch.zeros(bsz + 1, dtype=torch.int32)
-    qo_indptr[1:] = torch.cumsum(torch.tensor(extend_lens, dtype=torch.int64), 0)
-    kv_indices = torch.cat(slot_rows).to(torch.int32)
-    return qo_indptr, kv_indptr, kv_indices, torch.ones(bsz, dtype=torch.int32)
+    """``plan()``'s lists for page size 1: qo_indptr, kv_indptr, kv_indices and the last
+    page lengths (all 1)."""
+    return (indptr_of(extend_lens), kv_indptr, kv_indices.to(torch.int32),
+            torch.ones(len(extend_lens), dtype=torch.int32))
 
 
 class FlashInferAttnBackend(AttentionBackend):
@@ -187,13 +183,12 @@ class FlashInferAttnBackend(AttentionBackend):
         pool = forward_batch.token_to_kv_pool
         if self._wrapper is None:
             self._wrapper = self._new_wrapper(pool)
-        table = forward_batch.req_to_token_pool.req_to_token
-        qo_indptr, kv_indptr, kv_indices, last = _plan_args(
-            forward_batch.seq_lens, forward_batch.extend_seq_lens,
-            [table[r, :n] for r, n in zip(forward_batch.req_pool_indices,
-                                           forward_batch.seq_lens)])
+        kv_indptr, kv_indices = flatten_slot_lists(forward_batch.req_to_token_pool.req_to_token,
+                                                   forward_batch.req_pool_indices,
+                                                   list(forward_batch.seq_lens))
         forward_batch.attn_metadata = FlashInferMetadata(
-            self._wrapper, (qo_indptr, kv_indptr, kv_indices.to(pool.k_buffer[0].device), last),
+            self._wrapper, _plan_args(kv_indptr, kv_indices.to(pool.k_buffer[0].device),
+                                      forward_batch.extend_seq_lens),
             causal=not forward_batch.forward_mode.is_decode())
 
     def init_cuda_graph_state(self, max_bs: int, pool: MHATokenToKVPool,
@@ -217,17 +212,19 @@ class FlashInferAttnBackend(AttentionBackend):
         self._graph_wrappers[bs] = wrapper
         # Capture-time lists: each request attends to the padding slot 0 only.
         ones = [1] * bs
-        return FlashInferMetadata(wrapper, _plan_args(ones, ones, [torch.zeros(bs)]),
+        return FlashInferMetadata(wrapper, _plan_args(indptr_of(ones), torch.zeros(bs), ones),
                                   causal=False)
 
     def init_forward_metadata_replay_cuda_graph(self, forward_batch: ForwardBatch,
                                                 padded_bs: int) -> None:
+        # Rows past the batch list the padding slot 0 once (FlashInfer takes no empty list).
         pad = padded_bs - forward_batch.batch_size
-        table = forward_batch.req_to_token_pool.req_to_token
-        rows = [table[r, :n] for r, n in zip(forward_batch.req_pool_indices,
-                                               forward_batch.seq_lens)]
-        args = _plan_args(list(forward_batch.seq_lens) + [1] * pad, [1] * padded_bs,
-                          rows + [torch.zeros(pad, dtype=torch.int32)])
+        _, kv_indices = flatten_slot_lists(forward_batch.req_to_token_pool.req_to_token,
+                                           forward_batch.req_pool_indices,
+                                           list(forward_batch.seq_lens))
+        args = _plan_args(indptr_of(list(forward_batch.seq_lens) + [1] * pad),
+                          torch.cat([kv_indices, torch.zeros(pad, dtype=kv_indices.dtype)]),
+                          [1] * padded_bs)
         pool = self._graph_pool
         self._graph_wrappers[padded_bs].plan(
             *args, self._num_q_heads, pool.num_kv_heads, pool.head_dim, 1, causal=False,

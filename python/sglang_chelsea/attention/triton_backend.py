@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sglang_chelsea.attention.base_backend import AttentionBackend
+from sglang_chelsea.attention.slot_lists import flatten_slot_lists, indptr_of
 from sglang_chelsea.kernels.paged_attention_triton import (
     choose_num_kv_splits,
     decode_attention,
@@ -66,13 +67,6 @@ class HeadLists:
     # indptr, indices (staging rows) and bias
 
 
-def _indptr(lengths: list[int]) -> torch.Tensor:
-    indptr = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    if lengths:
-        indptr[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
-    return indptr
-
-
 def _cat_or_pad(parts: list[torch.Tensor], dtype: torch.dtype, device: torch.device
                 ) -> torch.Tensor:
     """The parts concatenated in ``dtype``; one zero when there is nothing (a kernel
@@ -80,16 +74,6 @@ def _cat_or_pad(parts: list[torch.Tensor], dtype: torch.dtype, device: torch.dev
     if not parts or sum(p.numel() for p in parts) == 0:
         return torch.zeros(1, dtype=dtype, device=device)
     return torch.cat([p.reshape(-1).to(device, dtype) for p in parts])
-
-
-def flatten_slot_lists(table: torch.Tensor, rows: list[int], lengths: list[int]
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``kv_indptr`` and ``kv_indices`` (int32, CPU) of the first ``lengths[i]`` slots of
-    ``table[rows[i]]``."""
-    indptr = _indptr(lengths)
-    parts = [table[r, :n] for r, n in zip(rows, lengths) if n]
-    indices = torch.cat(parts) if parts else torch.zeros(1, dtype=torch.int32)
-    return indptr, indices
 
 
 class TritonAttnBackend(AttentionBackend):
@@ -247,10 +231,10 @@ class TritonAttnBackend(AttentionBackend):
             staged_v = torch.cat(host_v).to(device, dtype, non_blocking=True)
             n_kv = pool.num_kv_heads
             host = (staged_k[None].expand(n_kv, -1, -1), staged_v[None].expand(n_kv, -1, -1),
-                    _indptr(host_lens).to(device, non_blocking=True),
+                    indptr_of(host_lens).to(device, non_blocking=True),
                     torch.arange(staged_k.shape[0], dtype=torch.int32, device=device),
                     _cat_or_pad(host_b, torch.float32, device))
-        return HeadLists(_indptr(lens).to(device, non_blocking=True),
+        return HeadLists(indptr_of(lens).to(device, non_blocking=True),
                          _cat_or_pad(slot_parts, torch.int32, device),
                          _cat_or_pad(bias_parts, torch.float32, device), max(lens), host)
 

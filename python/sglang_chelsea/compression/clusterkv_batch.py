@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sglang_chelsea.attention.slot_lists import indptr_of
 from sglang_chelsea.compression.base import BatchSelection
 from sglang_chelsea.kernels.cluster_select import (cluster_member_lists,
                                                    select_cluster_tokens_batched)
@@ -111,11 +112,10 @@ def plan_batch(states: list["ReqIndex | None"], offsets: list[int], n_q: int, bu
             rows = torch.arange(lo, hi).expand(n_q, -1)
         parts.append(rows.reshape(-1))
         lens += [rows.shape[1]] * n_q
-    indptr = torch.zeros(len(lens) + 1, dtype=torch.int32)
-    indptr[1:] = torch.cumsum(torch.tensor(lens), 0)
     src = torch.cat(parts)
     return BatchPlan(selecting, torch.tensor(selecting, device=device), src.to(device),
-                     indptr.to(device), torch.zeros(src.numel(), device=device), max(lens))
+                     indptr_of(lens).to(device), torch.zeros(src.numel(), device=device),
+                     max(lens))
 
 
 def select_batch(plan: BatchPlan, index: BatchIndex, layer: int, q: torch.Tensor,
