@@ -425,7 +425,10 @@ class ClusterKVSelector(SlotSelector):
         self.table = scheduler.req_to_token_pool.req_to_token
         self.device = scheduler.token_to_kv_pool.k_buffer[0].device
         self.uniform_weights = scheduler.token_to_kv_pool.uniform_weights
+        # Batched decode lane (select_batch): set on its first call of the step.
         self.plan: BatchPlan | None = None
+        self.index: BatchIndex | None = None
+        self.candidates = 0  # clustered tokens of the selecting requests
         self.planned = False
         self.tiers: list[Any] = [None] * len(reqs)
         if policy.offload:
@@ -449,25 +452,28 @@ class ClusterKVSelector(SlotSelector):
             return NotImplemented
         if layer_id < policy.full_layers:
             return None
-        states = [r.kv_policy_state if isinstance(r.kv_policy_state, ReqIndex) else None
-                  for r in self.reqs]
-        if not self.planned:  # the layout is the same in every selecting layer
+        t0 = time.perf_counter()
+        if not self.planned:  # the layout and the index are the same in every selecting layer
+            self.planned = True
+            states = [r.kv_policy_state if isinstance(r.kv_policy_state, ReqIndex) else None
+                      for r in self.reqs]
             self.plan = plan_batch(states, offsets, q.shape[1], policy.budget,
                                    policy.sink_tokens, kv_indices.numel(), q.device)
-            self.planned = True
+            if self.plan is not None and len(self.plan.selecting) >= 2:
+                chosen = [s for i, s in enumerate(states) if i in self.plan.selecting and s]
+                self.index = policy.batch_index_of(chosen, q.device)
+                self.candidates = sum(s.slots.numel() for s in chosen if s.slots is not None)
         if self.plan is None:
             return None
         if len(self.plan.selecting) < 2:
             # One selecting request: its own ops are fewer (H200, 8k / 32k, batch 1: 41 /
             # 45 ms per step request by request, 53 / 54 ms batched; docs/gpu.md).
             return NotImplemented
-        t0 = time.perf_counter()
-        chosen = [states[i] for i in self.plan.selecting]
-        index = policy.batch_index_of(chosen, q.device)  # type: ignore[arg-type]
-        out = select_batch(self.plan, index, layer_id - policy.full_layers, q, kv_indices,
+        assert self.index is not None
+        out = select_batch(self.plan, self.index, layer_id - policy.full_layers, q, kv_indices,
                            policy.budget)
-        policy.selected_tokens += len(chosen) * q.shape[1] * policy.budget
-        policy.candidate_tokens += sum(s.slots.numel() for s in chosen) * q.shape[1]
+        policy.selected_tokens += len(self.plan.selecting) * q.shape[1] * policy.budget
+        policy.candidate_tokens += self.candidates * q.shape[1]
         policy.select_time += time.perf_counter() - t0
         return out
 
