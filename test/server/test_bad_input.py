@@ -64,3 +64,19 @@ def test_duplicate_rid_is_rejected(url: str) -> None:
     body = {"text": ["a", "b"], "rid": ["same", "same"], "sampling_params": {"max_new_tokens": 1}}
     r = requests.post(url + "/generate", json=body, timeout=30)
     assert r.status_code == 400 and "unique" in r.json()["error"]["message"]
+
+
+CHAT = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("kwargs", [{"messages": []}, {"add_generation_prompt": False},
+                                    {"tokenize": True}])
+def test_chat_template_kwargs_cannot_override_the_servers_arguments(url: str, kwargs: Any
+                                                                    ) -> None:
+    """A key the server passes to apply_chat_template itself (``messages`` was a TypeError:
+    HTTP 500)."""
+    body = {"messages": CHAT, "chat_template_kwargs": kwargs}
+    r = requests.post(url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert "chat_template_kwargs must not set " + next(iter(kwargs)) in \
+        r.json()["error"]["message"]

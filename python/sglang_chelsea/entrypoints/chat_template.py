@@ -15,6 +15,13 @@ CHATML_TEMPLATE = (
 
 NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
 
+# Arguments of the tokenizer's apply_chat_template that the server sets itself: a request's
+# chat_template_kwargs may not override them.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "chat_template", "tokenize", "add_generation_prompt",
+    "continue_final_message", "return_dict",
+})
+
 
 def load_chat_template(chat_template: str | None, tokenizer: Any) -> str | None:
     """The Jinja template to use: ``chat_template`` if given, else the tokenizer's (or None).
@@ -40,10 +47,20 @@ def load_chat_template(chat_template: str | None, tokenizer: Any) -> str | None:
 
 def apply_chat_template(tokenizer: Any, template: str | None, messages: list[dict[str, Any]],
                         add_generation_prompt: bool = True,
-                        continue_final_message: bool = False, **kwargs: Any) -> str:
-    """Render ``messages`` to the prompt text (ValueError when there is no template)."""
+                        continue_final_message: bool = False,
+                        template_kwargs: dict[str, Any] | None = None) -> str:
+    """Render ``messages`` to the prompt text (ValueError when there is no template).
+
+    ``template_kwargs`` (a request's ``chat_template_kwargs``) become extra template
+    variables; naming one of RESERVED_TEMPLATE_KWARGS is a ValueError.
+    """
     if template is None:
         raise ValueError("this model has no chat template; start the server with --chat-template")
+    kwargs = dict(template_kwargs or {})
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+    if reserved:
+        raise ValueError(f"chat_template_kwargs must not set {', '.join(reserved)} "
+                         "(the server sets them)")
     try:
         return tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False,

@@ -223,7 +223,7 @@ class OpenAIServing:
         prompt = apply_chat_template(self.tm.tokenizer, self.chat_template, messages,
                                      add_generation_prompt=True,
                                      continue_final_message=req.continue_final_message,
-                                     **(req.chat_template_kwargs or {}))
+                                     template_kwargs=req.chat_template_kwargs)
         return self.tm.tokenizer.encode(prompt, add_special_tokens=False)
 
     async def create_chat_completion(self, body: Any, raw_request: Request) -> Response:
