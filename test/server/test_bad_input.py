@@ -80,3 +80,25 @@ def test_chat_template_kwargs_cannot_override_the_servers_arguments(url: str, kw
     assert r.status_code == 400, r.text
     assert "chat_template_kwargs must not set " + next(iter(kwargs)) in \
         r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/generate", '{"text": "a\\ud800", "sampling_params": {"max_new_tokens": 1}}'),
+    ("/generate", '{"text": "hi", "rid": "\\udfff", "sampling_params": {"max_new_tokens": 1}}'),
+    ("/v1/completions", '{"prompt": "\\ud800", "max_tokens": 1}'),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+])
+def test_unpaired_surrogate_escape_gets_400(url: str, path: str, body: str) -> None:
+    """json.loads keeps an unpaired surrogate; the tokenizer (or the UTF-8 response encoder,
+    for an echoed rid) then failed with HTTP 500."""
+    r = requests.post(url + path, data=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert "surrogate" in r.json()["error"]["message"]
+    ok = requests.post(url + "/generate", json=GOOD, timeout=60)
+    assert ok.status_code == 200 and ok.json()["meta_info"]["completion_tokens"] == 2
+
+
+def test_paired_surrogate_escape_is_text(url: str) -> None:
+    body = '{"text": "Smile \\ud83d\\ude00", "sampling_params": {"max_new_tokens": 1}}'
+    r = requests.post(url + "/generate", data=body, timeout=60)
+    assert r.status_code == 200, r.text

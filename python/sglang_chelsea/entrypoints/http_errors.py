@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -12,6 +13,8 @@ from pydantic import ValidationError
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                 500: "InternalServerError", 503: "ServiceUnavailableError"}
+# A JSON escape of a UTF-16 surrogate: paired ones are fine, a lone one is no text at all.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def error_body(message: str, status: int = 400) -> dict[str, Any]:
@@ -32,9 +35,18 @@ async def read_json_body(request: Request, allow_empty: bool = False) -> Any:
             return {}
         raise ValueError("the request body is empty; a JSON object is required")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"invalid JSON in the request body: {exc}") from exc
+    if _SURROGATE_ESCAPE.search(raw):
+        # json.loads keeps an unpaired "\\ud800" as a lone surrogate, which the tokenizer and
+        # the UTF-8 response encoder reject later (HTTP 500): refuse it here.
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError("invalid JSON in the request body: a string contains an unpaired "
+                             f"UTF-16 surrogate ({exc.object[exc.start:exc.end]!r})") from exc
+    return body
 
 
 def validation_error_message(exc: ValidationError) -> str:
