@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import openai
@@ -79,6 +80,24 @@ def test_completions(client: openai.OpenAI) -> None:
                                       max_tokens=3, temperature=0, echo=True)
     assert [c.index for c in batch.choices] == [0, 1]
     assert batch.choices[1].text.startswith("a, b, c,")
+
+
+def test_streamed_echo_logprobs_offsets_match_non_stream(url: str) -> None:
+    """With echo, the first generated token's text offset is after the prompt, streamed too."""
+    body = {"prompt": "Hello world", "max_tokens": 3, "temperature": 0, "echo": True,
+            "logprobs": 1}
+    full = requests.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    expected = full["logprobs"]["text_offset"]
+    assert expected[0] == len("Hello world")
+    offsets, text = [], ""
+    with requests.post(url + "/v1/completions", json={**body, "stream": True}, stream=True,
+                       timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith(b"data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                text += choice["text"]
+                offsets += choice["logprobs"]["text_offset"]
+    assert text == full["text"] and offsets == expected
 
 
 def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:

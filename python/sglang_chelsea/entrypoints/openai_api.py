@@ -187,12 +187,15 @@ class OpenAIServing:
             try:
                 async for index, delta, out in self._events(gen):
                     meta = out["meta_info"]
-                    if index not in metas and req.echo:
-                        delta = prompts[index] + delta
+                    # The first chunk of a choice carries the echoed prompt: its tokens' text
+                    # offsets start after it, as in the non-streaming response.
+                    prefix = prompts[index] if index not in metas and req.echo else ""
                     metas[index] = meta
                     reason = meta["finish_reason"]
-                    logprobs = logprobs_of(meta, text_len.get(index, 0))
-                    text_len[index] = text_len.get(index, 0) + len(delta)
+                    start = text_len.get(index, 0) + len(prefix)
+                    logprobs = logprobs_of(meta, start)
+                    text_len[index] = start + len(delta)
+                    delta = prefix + delta
                     if not delta and reason is None and not (logprobs and logprobs["tokens"]):
                         continue
                     yield sse_data({
