@@ -35,6 +35,10 @@ GOOD = {"text": "Hello", "sampling_params": {"max_new_tokens": 2}}
     ({"text": "hi", "return_logprob": True, "logprob_start_len": 99}, "logprob_start_len"),
     ({"text": "hi", "top_logprobs_num": -2}, "top_logprobs_num"),
     ({"text": ["a", "b"], "sampling_params": [{}]}, "sampling_params"),
+    # json.loads raised RecursionError, and a 500-deep custom_params failed to pickle: HTTP 500.
+    ('{"text": "hi", "x": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+    ('{"text": "hi", "sampling_params": {"custom_params": {"a": ' + "[" * 500 + "]" * 500
+     + "}}}", "custom_params"),
 ])
 def test_bad_generate_gets_400_then_server_still_serves(url: str, body: Any,
                                                         expected: str) -> None:

@@ -38,6 +38,9 @@ async def read_json_body(request: Request, allow_empty: bool = False) -> Any:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"invalid JSON in the request body: {exc}") from exc
+    except RecursionError:
+        raise ValueError("invalid JSON in the request body: arrays or objects are nested too "
+                         "deeply") from None
     if _SURROGATE_ESCAPE.search(raw):
         # json.loads keeps an unpaired "\\ud800" as a lone surrogate, which the tokenizer and
         # the UTF-8 response encoder reject later (HTTP 500): refuse it here.

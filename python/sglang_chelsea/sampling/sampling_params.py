@@ -52,10 +52,32 @@ def _as_opt_str(name: str, value: Any) -> Optional[str]:
     raise ValueError(f"{name} must be a string, got {value!r}")
 
 
+# Deepest nesting of arrays/objects taken in a free-form field (``custom_params``): the
+# request is pickled to the scheduler, and pickle overflows the stack around 500 levels.
+MAX_NESTING_DEPTH = 32
+
+
+def _nesting_depth(value: Any) -> int:
+    """How deeply JSON arrays/objects nest in ``value`` (0 for a scalar); iterative."""
+    depth, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            depth = max(depth, level + 1)
+            stack.extend((child, level + 1) for child in item)
+    return depth
+
+
 def _as_opt_dict(name: str, value: Any) -> Optional[dict]:
-    if value is None or isinstance(value, dict):
+    if value is None:
         return value
-    raise ValueError(f"{name} must be an object, got {value!r}")
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be an object, got {value!r}")
+    if _nesting_depth(value) > MAX_NESTING_DEPTH:
+        raise ValueError(f"{name} nests arrays/objects more than {MAX_NESTING_DEPTH} deep")
+    return value
 
 
 def _as_json_text(name: str, value: Any) -> Optional[str]:
