@@ -106,3 +106,14 @@ def test_paired_surrogate_escape_is_text(url: str) -> None:
     body = '{"text": "Smile \\ud83d\\ude00", "sampling_params": {"max_new_tokens": 1}}'
     r = requests.post(url + "/generate", data=body, timeout=60)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_openai_logit_bias_is_rejected_not_ignored(url: str, path: str) -> None:
+    """Unsupported, as on /generate: it was silently ignored (the banned token still came)."""
+    body = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": CHAT}
+    body["max_tokens"] = 1
+    r = requests.post(url + path, json={**body, "logit_bias": {"11": -100}}, timeout=30)
+    assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"], r.text
+    ok = requests.post(url + path, json={**body, "logit_bias": {}}, timeout=60)
+    assert ok.status_code == 200, ok.text

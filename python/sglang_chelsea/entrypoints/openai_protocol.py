@@ -68,6 +68,7 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # not supported: rejected unless empty
     user: str | None = None
     # SGLang extensions
     top_k: int | None = None
@@ -98,6 +99,7 @@ class SamplingFields(BaseModel):
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
+            "logit_bias": self.logit_bias,
             "ignore_eos": self.ignore_eos,
             "skip_special_tokens": self.skip_special_tokens,
             "no_stop_trim": self.no_stop_trim,
