@@ -309,7 +309,9 @@ class ServerArgs:
                        "flashinfer (GPU, float16/bfloat16; needs flashinfer-python)")
         g.add_argument("--disable-cpu-malloc-tuning", action="store_true",
                        help="On the CPU, let glibc return freed large blocks to the system "
-                       "(by default they stay in the heap: fewer page faults, peak RSS kept)")
+                       "(by default they stay in the heap: fewer page faults, peak RSS kept; "
+                       "Chelsea then also runs one prefill step's clustering at start, on "
+                       "stand-in data, so the first long request finds that memory ready)")
         g.add_argument("--disable-cuda-graph", action="store_true",
                        help="Run decode eagerly on a GPU instead of replaying CUDA graphs")
         g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs,

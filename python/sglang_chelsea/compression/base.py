@@ -32,6 +32,12 @@ class KVCompressor(ABC):
              host_pool: Optional["HostKVPool"] = None) -> None:
         """Called once by the model runner with the pools the policy works on."""
 
+    def warm_up(self, pool: "MHATokenToKVPool", max_chunks: int) -> None:
+        """Called once at start on the CPU when freed host memory stays in the heap: run
+        the policy's per-step work once, on stand-in data of the size a step of
+        ``max_chunks`` completed chunks gives it, so that the first long request does not
+        pay for growing and faulting in the heap. Must not touch ``pool``."""
+
     def make_selector(self, scheduler: "Scheduler", reqs: list["Req"], decode: bool
                       ) -> Optional["SlotSelector"]:
         """For a forward pass (a decode step when ``decode``, else prefill chunks): the

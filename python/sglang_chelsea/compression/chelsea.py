@@ -76,6 +76,21 @@ class ChelseaCompressor(KVCompressor):
             self.recall = RecallStore(pool, host_pool, self.full_layers)
             allocator.free_listeners.append(self.recall.on_free)
 
+    def warm_up(self, pool: "MHATokenToKVPool", max_chunks: int) -> None:
+        # The matcher's input for max_chunks chunks, as cluster() lays it out: one
+        # single-head problem per (layer, KV head, chunk), random keys (they merge in about
+        # as many rounds as real ones do to reach the targets).
+        c = self.chunk_size
+        problems = (pool.num_layers - self.full_layers) * pool.num_kv_heads * max_chunks
+        if problems <= 0:
+            return
+        gen = torch.Generator().manual_seed(0)
+        shape = (problems, 1, c, pool.head_dim)
+        keys = torch.randn(shape, generator=gen, dtype=torch.float32).to(pool.dtype)
+        values = torch.randn(shape, generator=gen, dtype=torch.float32).to(pool.dtype)
+        chunked_soft_matching(keys, values, target=self.chunk_target(0),
+                              round_fraction=self.round_fraction, min_similarity=-1.0)
+
     def make_selector(self, scheduler: "Scheduler", reqs: list["Req"], decode: bool
                       ) -> Optional[SlotSelector]:
         if self.recall is None:

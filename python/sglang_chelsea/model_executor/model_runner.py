@@ -201,6 +201,9 @@ class ModelRunner:
         if self.kv_compressor is not None:
             self.kv_compressor.bind(self.token_to_kv_pool, self.token_to_kv_pool_allocator,
                                     self.host_pool)
+        if (self.kv_compressor is not None and self.device.type == "cpu"
+                and not server_args.disable_cpu_malloc_tuning):
+            self._warm_up_compressor()
         self.token_to_kv_pool.uniform_weights = not (
             self.kv_compressor is not None and self.kv_compressor.writes_slot_weights)
         self.attn_backend = create_attn_backend(server_args.attention_backend)
@@ -257,6 +260,19 @@ class ModelRunner:
         forward_batch.to(self.device)
         self.attn_backend.init_forward_metadata(forward_batch)
         return self.model(forward_batch)
+
+    def _warm_up_compressor(self) -> None:
+        """Run the KV policy's per-step work once on stand-in data the size of one prefill
+        step's completed chunks, so that the heap (kept by ``retain_freed_host_memory``)
+        already holds that memory when the first long request arrives."""
+        args = self.server_args
+        step = args.chunked_prefill_size
+        if step is None or step < 1:  # chunked prefill off: a whole prompt in one step
+            step = min(self.context_len, args.max_prefill_tokens)
+        t0 = time.perf_counter()
+        assert self.kv_compressor is not None
+        self.kv_compressor.warm_up(self.token_to_kv_pool, max(1, step // args.chelsea_chunk_size))
+        logger.info("Warmed up the KV policy's step in %.2f s", time.perf_counter() - t0)
 
     def cluster_chunks(self, slots: torch.Tensor, protected: torch.Tensor,
                        targets: torch.Tensor) -> torch.Tensor:
