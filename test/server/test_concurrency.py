@@ -72,3 +72,24 @@ def test_concurrent_streams_and_disconnects(url: str) -> None:
     assert requests.post(url + "/flush_cache", timeout=30).status_code == 200
     kv = requests.get(url + "/get_server_info", timeout=10).json()["kv_cache"]
     assert kv["free_slots"] == kv["total_slots"]
+
+
+def test_retry_with_the_rid_of_a_disconnected_stream_gets_its_own_answer(url: str) -> None:
+    """The disconnected request's abort output used to reach the retry (same rid): the rid
+    stays in use until that request has been aborted, then the retry runs as itself."""
+    rid = disconnecting_stream(url, 99)
+    body = {"text": "Count: 1, 2,", "rid": rid,
+            "sampling_params": {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True}}
+    deadline = time.monotonic() + 60
+    while True:
+        r = requests.post(url + "/generate", json=body, timeout=60)
+        if r.status_code != 400:
+            break
+        assert "already in use" in r.json()["error"]["message"]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert r.status_code == 200, r.text
+    reference = requests.post(url + "/generate", json={**body, "rid": None}, timeout=60).json()
+    assert r.json()["meta_info"]["finish_reason"] == {"type": "length", "length": 5}
+    assert r.json()["output_ids"] == reference["output_ids"]
+    assert r.json()["meta_info"]["prompt_tokens"] == reference["meta_info"]["prompt_tokens"]

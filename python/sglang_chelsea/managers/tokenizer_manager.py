@@ -71,6 +71,9 @@ class _ReqEntry:
     first_token_time: float | None = None
     last_token_time: float = field(default_factory=time.perf_counter)
     error: str | None = None
+    # Aborted because its consumer left: the rid stays reserved until the scheduler's final
+    # output for it arrives, so a retry reusing the rid cannot receive this request's output.
+    orphaned: bool = False
 
 
 class _Communicator:
@@ -195,13 +198,17 @@ class TokenizerManager:
         finally:
             for entry in entries:
                 rid = entry.state.rid
-                if not entry.state.finished and self.rid_to_state.get(rid) is entry:
-                    self._abort(rid, "the client disconnected")
-                    state = entry.state
-                    self.metrics.observe_finished(
-                        state.prompt_tokens, state.completion_tokens, state.cached_tokens,
-                        time.perf_counter() - state.created_time, aborted=True)
-                self.rid_to_state.pop(rid, None)
+                if self.rid_to_state.get(rid) is not entry:
+                    continue
+                if entry.state.finished or self.dead_reason is not None:
+                    del self.rid_to_state[rid]
+                    continue
+                self._abort(rid, "the client disconnected")
+                entry.orphaned = True  # removed by _handle_batch_output when it finishes
+                state = entry.state
+                self.metrics.observe_finished(
+                    state.prompt_tokens, state.completion_tokens, state.cached_tokens,
+                    time.perf_counter() - state.created_time, aborted=True)
 
     async def _wait(self, entries: list[_ReqEntry], request: ClientRequest | None
                     ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
@@ -265,7 +272,11 @@ class TokenizerManager:
         now = time.perf_counter()
         for out, text in zip(batch.outputs, batch.texts):
             entry = self.rid_to_state.get(out.rid)
-            if entry is None:  # aborted because its client left
+            if entry is None:
+                continue
+            if entry.orphaned:  # aborted because its client left (metrics already counted)
+                if out.finished_reason is not None:
+                    del self.rid_to_state[out.rid]
                 continue
             state = entry.state
             prev_tokens = state.completion_tokens
