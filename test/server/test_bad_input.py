@@ -35,6 +35,10 @@ GOOD = {"text": "Hello", "sampling_params": {"max_new_tokens": 2}}
     ({"text": "hi", "return_logprob": True, "logprob_start_len": 99}, "logprob_start_len"),
     ({"text": "hi", "top_logprobs_num": -2}, "top_logprobs_num"),
     ({"text": ["a", "b"], "sampling_params": [{}]}, "sampling_params"),
+    # A full-vocabulary top over a long prompt: GBs of Python objects (the server ran out of
+    # host memory); small tops over long prompts are fine (test_native_api).
+    ({"input_ids": [5] * 4000, "return_logprob": True, "logprob_start_len": 0,
+      "top_logprobs_num": 49152, "sampling_params": {"max_new_tokens": 0}}, "top_logprobs_num"),
     # json.loads raised RecursionError, and a 500-deep custom_params failed to pickle: HTTP 500.
     ('{"text": "hi", "x": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
     ('{"text": "hi", "sampling_params": {"custom_params": {"a": ' + "[" * 500 + "]" * 500

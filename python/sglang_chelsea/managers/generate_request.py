@@ -26,6 +26,10 @@ UNSUPPORTED_FIELDS = frozenset({
     "lora_id", "custom_logit_processor", "token_ids_logprob", "return_hidden_states",
     "return_routed_experts", "return_entropy", "return_bytes",
 })
+# Most (position, top token) logprob entries one request may ask for: top_logprobs_num times
+# the positions with logprobs. Each entry becomes Python objects in three processes and JSON
+# text, so a full-vocabulary top over a long prompt would exhaust the host's memory.
+MAX_TOP_LOGPROB_ENTRIES = 1 << 22
 # Any other top-level field not parsed below (``model``, ``log_metrics``, ``background``,
 # ``no_logs``, ``bootstrap_*``, ``data_parallel_rank``, ``priority``, ...) is accepted and ignored.
 
@@ -220,3 +224,14 @@ def validate_tokenized_request(tokenized: TokenizedGenerateReqInput, vocab_size:
                          f"than the prompt length ({len(ids)})")
     if tokenized.top_logprobs_num < 0:
         raise ValueError("top_logprobs_num must be >= 0")
+    if tokenized.top_logprobs_num:
+        prompt_positions = len(ids) - tokenized.logprob_start_len \
+            if tokenized.logprob_start_len >= 0 else 0
+        output_positions = min(tokenized.sampling_params.max_new_tokens, context_len - len(ids))
+        entries = tokenized.top_logprobs_num * (prompt_positions + max(output_positions, 0))
+        if entries > MAX_TOP_LOGPROB_ENTRIES:
+            raise ValueError(
+                f"top_logprobs_num ({tokenized.top_logprobs_num}) times the positions with "
+                f"logprobs ({prompt_positions} of the prompt, up to {output_positions} output) "
+                f"is more than {MAX_TOP_LOGPROB_ENTRIES} entries: ask for fewer top logprobs, "
+                "a later logprob_start_len or fewer max_new_tokens")
