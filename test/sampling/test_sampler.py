@@ -221,3 +221,23 @@ def test_grammar_mask_overrides_a_ban_that_would_leave_no_token() -> None:
     out = Sampler()(logits, _info([SamplingParams(temperature=1.0)]), banned_ids=[[4]],
                     allowed=allowed)  # ... which min_new_tokens bans
     assert out.next_token_ids.tolist() == [4]
+
+
+def test_logit_bias_moves_greedy_and_sampled_choices_per_row() -> None:
+    logits = _logits(3, seed=4)
+    top = logits.argmax(dim=-1)
+    target = (top + 1) % V
+    params = [
+        SamplingParams.from_dict({"temperature": 0, "logit_bias": {str(int(target[0])): 100}}),
+        SamplingParams.from_dict({"temperature": 0}),  # no bias: its argmax stays
+        # Sampled, with the row's argmax banned by -100 and another token pushed up.
+        SamplingParams.from_dict({"temperature": 1.0, "logit_bias": {
+            str(int(top[2])): -100, str(int(target[2])): 50}}),
+    ]
+    before = logits.clone()
+    out = Sampler(random_seed=0)(logits, _info(params))
+    assert out.next_token_ids.tolist() == [int(target[0]), int(top[1]), int(target[2])]
+    assert torch.equal(logits, before)
+    # Reported logprobs are those of the raw logits (SGLang's original logprobs).
+    raw = torch.log_softmax(logits, dim=-1)
+    assert torch.allclose(out.logprobs, raw.gather(1, out.next_token_ids[:, None]).squeeze(1))

@@ -87,8 +87,8 @@ def test_from_dict_sglang_only_names() -> None:
     with pytest.raises(ValueError, match="seed"):
         SamplingParams.from_dict({"seed": 1, "sampling_seed": 2})
     SamplingParams.from_dict({"stream_interval": 4, "logit_bias": None, "stop_regex": []})
-    with pytest.raises(ValueError, match="logit_bias"):
-        SamplingParams.from_dict({"logit_bias": {"5": 1.0}})
+    with pytest.raises(ValueError, match="structural_tag"):
+        SamplingParams.from_dict({"structural_tag": {"format": "x"}})
     with pytest.raises(ValueError, match="sampling_params"):
         SamplingParams.from_dict([1])
 
@@ -116,3 +116,16 @@ def test_only_one_grammar() -> None:
     params = SamplingParams.from_dict({"regex": "a+", "json_schema": "{}"})
     with pytest.raises(ValueError, match="regex"):
         params.verify(VOCAB)
+
+
+def test_logit_bias_is_parsed_and_checked() -> None:
+    p = SamplingParams.from_dict({"logit_bias": {"5": 1.5, 7: -100, "05": 0.5}})
+    p.verify(vocab_size=10)
+    assert p.logit_bias == {"5": 2.0, "7": -100.0}  # "05" is id 5: biases add up
+    assert SamplingParams.from_dict({"logit_bias": {}}).logit_bias is None
+    for bad, match in [({"x": 1.0}, "token ids"), ({"5": "high"}, "number"),
+                       ({"5": float("inf")}, "finite"), ([5], "object")]:
+        with pytest.raises(ValueError, match=match):
+            SamplingParams.from_dict({"logit_bias": bad})
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams.from_dict({"logit_bias": {"10": 1.0}}).verify(vocab_size=10)

@@ -112,12 +112,46 @@ def test_paired_surrogate_escape_is_text(url: str) -> None:
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-def test_openai_logit_bias_is_rejected_not_ignored(url: str, path: str) -> None:
-    """Unsupported, as on /generate: it was silently ignored (the banned token still came)."""
-    body = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": CHAT}
-    body["max_tokens"] = 1
-    r = requests.post(url + path, json={**body, "logit_bias": {"11": -100}}, timeout=30)
+BIASED_ID = 3000  # an ordinary BPE token of SmolLM2's vocabulary
+
+
+def test_native_logit_bias_forces_the_token(url: str) -> None:
+    body = {"text": "The capital of France is", "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 2, "temperature": 0}}
+    plain = requests.post(url + "/generate", json=body, timeout=60).json()
+    body["sampling_params"]["logit_bias"] = {str(BIASED_ID): 100}
+    r = requests.post(url + "/generate", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    ids = [t[1] for t in r.json()["meta_info"]["output_token_logprobs"]]
+    assert ids == [BIASED_ID, BIASED_ID]
+    assert [t[1] for t in plain["meta_info"]["output_token_logprobs"]][0] != BIASED_ID
+    body["sampling_params"]["logit_bias"] = {"49152": 1.0}  # past the vocabulary
+    r = requests.post(url + "/generate", json=body, timeout=30)
     assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"], r.text
-    ok = requests.post(url + path, json={**body, "logit_bias": {}}, timeout=60)
-    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_openai_logit_bias_steers_and_bad_keys_get_400(url: str, path: str) -> None:
+    """logit_bias is applied (it was once silently ignored): +100 on a token makes greedy
+    decoding produce it, -100 on the greedy token changes the answer; a key that is not a
+    token id is a 400."""
+    body: dict[str, Any] = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": CHAT}
+    body.update(max_tokens=1, temperature=0, logprobs=True)
+    if path == "/v1/completions":
+        body["logprobs"] = 1
+
+    def first_token(extra: dict[str, Any]) -> str:
+        r = requests.post(url + path, json={**body, **extra}, timeout=60)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        if path == "/v1/completions":
+            return choice["logprobs"]["tokens"][0]
+        return choice["logprobs"]["content"][0]["token"]
+
+    plain = first_token({})
+    assert first_token({"logit_bias": {}}) == plain
+    forced = first_token({"logit_bias": {str(BIASED_ID): 100}})
+    assert forced != plain
+    assert first_token({"logit_bias": {str(BIASED_ID): 100, "0": -1}}) == forced
+    r = requests.post(url + path, json={**body, "logit_bias": {"eleven": 5}}, timeout=30)
+    assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"], r.text

@@ -68,7 +68,7 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None  # not supported: rejected unless empty
+    logit_bias: dict[str, float] | None = None  # token id -> bias added to its logit
     user: str | None = None
     # SGLang extensions
     top_k: int | None = None

@@ -28,7 +28,8 @@ def sample_batch(scheduler: "Scheduler", reqs: list[Req], logits: torch.Tensor) 
     any_logprob = any(r.return_logprob for r in reqs)
     tops = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs]
     if (logits.device.type != "cpu" and info.is_all_greedy and not any_logprob
-            and not info.need_penalties and not any(banned) and allowed is None):
+            and not info.need_penalties and info.logit_bias is None and not any(banned)
+            and allowed is None):
         # Plain greedy on a GPU: only the argmax crosses to the host, not [B, V] logits.
         out = SampleOutput(logits.argmax(dim=-1), None, None)
     else:

@@ -1,4 +1,4 @@
-"""Batched next-token sampler: penalties, temperature, top-k / top-p / min-p, seeded draws.
+"""Batched next-token sampler: penalties, logit bias, temperature, top-k / top-p / min-p, seeded draws.
 
 Every sampled row draws one uniform number per step and picks the token by inverse CDF over
 its filtered distribution in vocabulary order (see ``filters``), so a request with a ``seed``
@@ -49,6 +49,8 @@ class SamplingBatchInfo:
     need_penalties: bool
     generators: list[Optional[torch.Generator]]  # per row; None: the sampler's own
     vocab_size: int
+    # logit_bias of every row as (rows, token ids, biases), added to the logits; None: none.
+    logit_bias: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
     @property
     def batch_size(self) -> int:
@@ -93,7 +95,25 @@ class SamplingBatchInfo:
             ),
             generators=gens,
             vocab_size=vocab_size,
+            logit_bias=_logit_bias_entries(params),
         )
+
+
+def _logit_bias_entries(params: Sequence[SamplingParams]
+                        ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """The rows' ``logit_bias`` entries as three flat tensors (row, token id, bias)."""
+    rows: list[int] = []
+    ids: list[int] = []
+    biases: list[float] = []
+    for i, p in enumerate(params):
+        for key, bias in (p.logit_bias or {}).items():
+            rows.append(i)
+            ids.append(int(key))
+            biases.append(bias)
+    if not rows:
+        return None
+    return (torch.tensor(rows, dtype=torch.long), torch.tensor(ids, dtype=torch.long),
+            torch.tensor(biases, dtype=torch.float32))
 
 
 @dataclass
@@ -152,6 +172,9 @@ class Sampler:
                 x, counts, info.frequency_penalties, info.presence_penalties,
                 info.repetition_penalties,
             )
+        if info.logit_bias is not None:
+            rows, ids, biases = info.logit_bias
+            x.index_put_((rows, ids), biases, accumulate=True)
         if banned_ids is not None:
             rows = [i for i, ids in enumerate(banned_ids) if ids]
             apply_min_new_tokens_mask(x, rows, [banned_ids[i] for i in rows])

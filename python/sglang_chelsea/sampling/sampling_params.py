@@ -14,7 +14,7 @@ _ALIASES = {"sampling_seed": "seed"}
 # SGLang names that only tune streaming granularity: accepted and ignored.
 _IGNORED = frozenset({"stream_interval"})
 # SGLang names whose feature we lack: accepted only when null or empty.
-_UNSUPPORTED = frozenset({"stop_regex", "structural_tag", "logit_bias"})
+_UNSUPPORTED = frozenset({"stop_regex", "structural_tag"})
 # Filled by normalize(), never read from a request.
 _INTERNAL = frozenset({"stop_strs"})
 
@@ -107,6 +107,26 @@ def _as_id_list(name: str, value: Any) -> Optional[list[int]]:
     return list(dict.fromkeys(_as_int(name, v) for v in value))
 
 
+def _as_logit_bias(name: str, value: Any) -> Optional[dict[str, float]]:
+    """``None`` or ``{token id: bias}`` with ids as decimal strings (OpenAI's and SGLang's
+    form; int keys are taken too) and finite biases; an empty object means none."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be an object of token id -> bias, got {value!r}")
+    out: dict[str, float] = {}
+    for key, bias in value.items():
+        try:
+            token_id = key if isinstance(key, int) and not isinstance(key, bool) else int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} keys must be token ids, got {key!r}") from None
+        bias = _as_float(f"{name}[{key!r}]", bias)
+        if not math.isfinite(bias):
+            raise ValueError(f"{name}[{key!r}] must be finite, got {bias!r}")
+        out[str(token_id)] = out.get(str(token_id), 0.0) + bias
+    return out or None
+
+
 _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "max_new_tokens": _as_int,
     "min_new_tokens": _as_int,
@@ -129,6 +149,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "json_schema": _as_json_text,
     "ebnf": _as_opt_str,
     "custom_params": _as_opt_dict,
+    "logit_bias": _as_logit_bias,
 }
 
 
@@ -165,6 +186,7 @@ class SamplingParams:
     json_schema: Optional[str] = None
     ebnf: Optional[str] = None
     custom_params: Optional[dict] = None
+    logit_bias: Optional[dict[str, float]] = None
     stop_strs: list[str] = field(default_factory=list, repr=False)
 
     def is_greedy(self) -> bool:
@@ -176,8 +198,8 @@ class SamplingParams:
         """Build from a JSON ``sampling_params`` object using SGLang's names; normalized.
 
         ``null`` means the default (as in SGLang). ``sampling_seed`` is read as ``seed``;
-        ``stream_interval`` is ignored; ``stop_regex``, ``structural_tag`` and ``logit_bias``
-        are accepted only when empty. Any other unknown name raises ``ValueError``, as do
+        ``stream_interval`` is ignored; ``stop_regex`` and ``structural_tag`` are accepted
+        only when empty. Any other unknown name raises ``ValueError``, as do
         values of the wrong JSON type (a bool or string where a number is expected).
         Ranges are checked later by :meth:`verify`, which needs the vocabulary size.
         """
@@ -249,6 +271,10 @@ class SamplingParams:
         for token_id in self.stop_token_ids or []:
             in_vocab = 0 <= token_id < vocab_size
             _check_range("stop_token_ids", in_vocab, f"ids in [0, {vocab_size})", token_id)
+        for key in self.logit_bias or {}:
+            token_id = int(key)
+            _check_range("logit_bias", 0 <= token_id < vocab_size,
+                         f"keyed by ids in [0, {vocab_size})", token_id)
         grammars = [g for g in ("regex", "json_schema", "ebnf") if getattr(self, g) is not None]
         if len(grammars) > 1:
             raise ValueError(f"only one of regex, json_schema, ebnf may be set, got {grammars}")
