@@ -83,13 +83,23 @@ def test_completions(client: openai.OpenAI) -> None:
 
 
 def test_streamed_echo_logprobs_offsets_match_non_stream(url: str) -> None:
-    """With echo, the first generated token's text offset is after the prompt, streamed too."""
+    """With echo, logprobs cover the prompt's tokens (the first has none) and then the output;
+    the first generated token's text offset is after the prompt, streamed too."""
     body = {"prompt": "Hello world", "max_tokens": 3, "temperature": 0, "echo": True,
             "logprobs": 1}
     full = requests.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
-    expected = full["logprobs"]["text_offset"]
-    assert expected[0] == len("Hello world")
-    offsets, text = [], ""
+    plain = requests.post(url + "/v1/completions", json={**body, "echo": False},
+                          timeout=60).json()["choices"][0]["logprobs"]
+    logprobs = full["logprobs"]
+    n_prompt = len(logprobs["tokens"]) - 3
+    assert n_prompt >= 2 and logprobs["token_logprobs"][0] is None
+    assert logprobs["text_offset"][0] == 0
+    assert logprobs["text_offset"][n_prompt] == len("Hello world")
+    assert logprobs["tokens"][n_prompt:] == plain["tokens"]
+    assert logprobs["token_logprobs"][n_prompt:] == pytest.approx(plain["token_logprobs"],
+                                                                  abs=1e-4)
+    assert len(logprobs["top_logprobs"]) == len(logprobs["tokens"])
+    offsets, tokens, text = [], [], ""
     with requests.post(url + "/v1/completions", json={**body, "stream": True}, stream=True,
                        timeout=60) as r:
         for line in r.iter_lines():
@@ -97,7 +107,29 @@ def test_streamed_echo_logprobs_offsets_match_non_stream(url: str) -> None:
                 choice = json.loads(line[6:])["choices"][0]
                 text += choice["text"]
                 offsets += choice["logprobs"]["text_offset"]
-    assert text == full["text"] and offsets == expected
+                tokens += choice["logprobs"]["tokens"]
+    assert text == full["text"] and offsets == logprobs["text_offset"]
+    assert tokens == logprobs["tokens"]
+
+
+def test_echo_scores_a_text_with_max_tokens_0(url: str) -> None:
+    """lm-eval's loglikelihood request: echo + logprobs + max_tokens 0 returns the prompt's
+    token logprobs, the same as /generate's input_token_logprobs."""
+    text = "The capital of France is Paris"
+    r = requests.post(url + "/v1/completions", json={
+        "prompt": text, "max_tokens": 0, "temperature": 0, "echo": True, "logprobs": 1},
+        timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == text
+    native = requests.post(url + "/generate", json={
+        "text": text, "return_logprob": True, "logprob_start_len": 0,
+        "sampling_params": {"max_new_tokens": 0}}, timeout=60).json()
+    expected = native["meta_info"]["input_token_logprobs"]
+    assert choice["logprobs"]["token_logprobs"][0] is None
+    assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx([e[0] for e in expected[1:]],
+                                                                     abs=1e-4)
+    assert all(lp < 0 for lp in choice["logprobs"]["token_logprobs"][1:])
 
 
 def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:

@@ -151,6 +151,9 @@ class OpenAIServing:
                 sampling_params=req.sampling_params(req.max_tokens),
                 rid=req.rid if single else None,
                 return_logprob=req.logprobs is not None, top_logprobs_num=req.logprobs or 0,
+                # echo + logprobs: the prompt's tokens get logprobs too (the first: null), as
+                # in OpenAI's legacy API and SGLang, e.g. for scoring a text with max_tokens 0.
+                logprob_start_len=0 if req.echo and req.logprobs is not None else -1,
                 return_text_in_logprobs=True, stream=req.stream)
             prepared = self._prepare(req, obj, req.max_tokens)
         except ServerDeadError as exc:
@@ -163,11 +166,22 @@ class OpenAIServing:
         created = int(time.time())
         model = self.tm.served_model_name
 
-        def logprobs_of(meta: dict[str, Any], offset: int) -> Any:
+        def logprobs_of(meta: dict[str, Any], offset: int, with_prompt: bool = False) -> Any:
+            """The output tokens' logprobs, their text starting at ``offset``; preceded by
+            the prompt's (text from 0) when ``with_prompt``."""
             if req.logprobs is None:
                 return None
             tops = meta.get("output_top_logprobs") if req.logprobs else None
-            return completion_logprobs(meta["output_token_logprobs"], tops, offset)
+            out = completion_logprobs(meta["output_token_logprobs"], tops, offset)
+            if not with_prompt:
+                return out
+            prompt_tops = meta.get("input_top_logprobs") if req.logprobs else None
+            merged = completion_logprobs(meta.get("input_token_logprobs") or [], prompt_tops, 0)
+            for key in ("tokens", "token_logprobs", "text_offset"):
+                merged[key] += out[key]
+            if merged["top_logprobs"] is not None and out["top_logprobs"] is not None:
+                merged["top_logprobs"] += out["top_logprobs"]
+            return merged
 
         def render(outs: list[dict[str, Any]]) -> dict[str, Any]:
             choices = []
@@ -175,7 +189,8 @@ class OpenAIServing:
                 prefix = prompts[i] if req.echo else ""
                 reason = out["meta_info"]["finish_reason"]
                 choices.append({"index": i, "text": prefix + out["text"],
-                                "logprobs": logprobs_of(out["meta_info"], len(prefix)),
+                                "logprobs": logprobs_of(out["meta_info"], len(prefix),
+                                                        with_prompt=req.echo),
                                 "finish_reason": finish_reason_str(reason),
                                 "matched_stop": matched_stop(reason)})
             return {"id": cid, "object": "text_completion", "created": created, "model": model,
@@ -189,11 +204,12 @@ class OpenAIServing:
                     meta = out["meta_info"]
                     # The first chunk of a choice carries the echoed prompt: its tokens' text
                     # offsets start after it, as in the non-streaming response.
-                    prefix = prompts[index] if index not in metas and req.echo else ""
+                    first = index not in metas and req.echo
+                    prefix = prompts[index] if first else ""
                     metas[index] = meta
                     reason = meta["finish_reason"]
                     start = text_len.get(index, 0) + len(prefix)
-                    logprobs = logprobs_of(meta, start)
+                    logprobs = logprobs_of(meta, start, with_prompt=first)
                     text_len[index] = start + len(delta)
                     delta = prefix + delta
                     if not delta and reason is None and not (logprobs and logprobs["tokens"]):
