@@ -1,4 +1,5 @@
-"""Batched next-token sampler: penalties, logit bias, temperature, top-k / top-p / min-p, seeded draws.
+"""Batched next-token sampler: penalties, logit bias, temperature, top-k / top-p / min-p,
+seeded draws.
 
 Every sampled row draws one uniform number per step and picks the token by inverse CDF over
 its filtered distribution in vocabulary order (see ``filters``), so a request with a ``seed``
