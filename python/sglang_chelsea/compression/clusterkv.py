@@ -460,9 +460,10 @@ class ClusterKVSelector(SlotSelector):
             self.plan = plan_batch(states, offsets, q.shape[1], policy.budget,
                                    policy.sink_tokens, kv_indices.numel(), q.device)
             if self.plan is not None and len(self.plan.selecting) >= 2:
-                chosen = [s for i, s in enumerate(states) if i in self.plan.selecting and s]
-                self.index = policy.batch_index_of(chosen, q.device)
-                self.candidates = sum(s.slots.numel() for s in chosen if s.slots is not None)
+                # plan_batch selects only indexed requests (a state with slots).
+                chosen = [states[i] for i in self.plan.selecting]
+                self.index = policy.batch_index_of(chosen, q.device)  # type: ignore[arg-type]
+                self.candidates = sum(s.slots.numel() for s in chosen)  # type: ignore[union-attr]
         if self.plan is None:
             return None
         if len(self.plan.selecting) < 2:
