@@ -144,8 +144,10 @@ class ModelRunner:
         self.server_args = server_args
         if server_args.num_threads:
             torch.set_num_threads(server_args.num_threads)
-        if server_args.device == "cpu" and not server_args.disable_cpu_malloc_tuning:
-            retain_freed_host_memory()
+        # On the CPU, freed memory stays in the heap (False where glibc's mallopt is missing).
+        self.retains_freed_memory = (server_args.device == "cpu"
+                                     and not server_args.disable_cpu_malloc_tuning
+                                     and retain_freed_host_memory())
         torch.manual_seed(server_args.random_seed)
         self.tp_group = get_tp_group()
         self.tp_rank = self.tp_group.rank if self.tp_group is not None else 0
@@ -201,8 +203,7 @@ class ModelRunner:
         if self.kv_compressor is not None:
             self.kv_compressor.bind(self.token_to_kv_pool, self.token_to_kv_pool_allocator,
                                     self.host_pool)
-        if (self.kv_compressor is not None and self.device.type == "cpu"
-                and not server_args.disable_cpu_malloc_tuning):
+        if self.kv_compressor is not None and self.retains_freed_memory:
             self._warm_up_compressor()
         self.token_to_kv_pool.uniform_weights = not (
             self.kv_compressor is not None and self.kv_compressor.writes_slot_weights)
