@@ -45,6 +45,8 @@ def test_invalid_grammar_is_a_400_naming_the_problem(url: str) -> None:
     assert r.status_code == 400 and "invalid regex" in r.json()["error"]["message"], r.text
     r = post(url, {"text": "x", "sampling_params": {"json_schema": '{"type": 3}'}})
     assert r.status_code == 400 and "invalid json_schema" in r.json()["error"]["message"], r.text
+    r = post(url, {"text": "x", "sampling_params": {"regex": "(ab){300000}"}})
+    assert r.status_code == 400 and "too complex" in r.json()["error"]["message"], r.text
     r = post(url, {"text": "x", "sampling_params": {"json_schema": "{oops"}})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"], r.text
     r = chat(url, response_format={"type": "json_schema", "json_schema": {"name": "x"}})

@@ -42,14 +42,57 @@ def _check(spec: GrammarSpec, tokenizer: Optional[llguidance.LLTokenizer]) -> st
     return grammar
 
 
+class _ByteVocabulary:
+    """A vocabulary of the 256 single bytes plus an end token, for dry runs of a grammar."""
+
+    eos_token_id = 256
+    bos_token_id = None
+    tokens = [bytes([b]) for b in range(256)] + [b""]
+    special_token_ids = [256]
+
+    def __call__(self, text: bytes) -> list[int]:
+        return list(text)
+
+
+_byte_tokenizer: Optional[llguidance.LLTokenizer] = None
+
+
+def _dry_run(spec: GrammarSpec, grammar: str) -> None:
+    """Follow ``grammar`` for one byte; ValueError if llguidance hits a limit doing so.
+
+    Some grammars pass validation but exceed the lexer's limits at the first token (a regex
+    like ``a{1000000}``: "too many expressions constructed"); this finds them before the
+    request is queued instead of aborting it after one token.
+    """
+    global _byte_tokenizer
+    if _byte_tokenizer is None:
+        _byte_tokenizer = llguidance.LLTokenizer(
+            llguidance.TokenizerWrapper(_ByteVocabulary()), slices=[])
+    matcher = llguidance.LLMatcher(_byte_tokenizer, grammar, log_level=0)
+    if not matcher.is_error():
+        words = memoryview(matcher.compute_bitmask()).cast("I")
+        allowed = next((t for t in range(256) if words[t // 32] >> (t % 32) & 1), None)
+        if allowed is not None:
+            matcher.consume_token(allowed)
+    if matcher.is_error():
+        raise ValueError(f"invalid {spec.kind}: too complex to follow "
+                         f"({_one_line(matcher.get_error())})")
+
+
 def validate_grammar(params: SamplingParams) -> None:
     """Raise ValueError if the request's regex / json_schema / ebnf is invalid.
 
-    Needs no tokenizer (cheap, for the tokenizer manager); results are cached per grammar.
+    Needs no model tokenizer (cheap, for the tokenizer manager): the grammar is checked, then
+    followed for one byte (:func:`_dry_run`); results are cached per grammar.
     """
     spec = grammar_spec(params)
     if spec is not None:
-        _validated.get_or_create(spec, lambda: bool(_check(spec, None)))
+        _validated.get_or_create(spec, lambda: _validate(spec))
+
+
+def _validate(spec: GrammarSpec) -> bool:
+    _dry_run(spec, _check(spec, None))
+    return True
 
 
 class GrammarBackend:
