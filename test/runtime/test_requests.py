@@ -129,6 +129,30 @@ def test_prompt_at_the_context_limit(engine: Any) -> None:
     assert_no_leak(engine)
 
 
+def test_a_request_that_outgrows_a_small_pool_ends_with_length(engine: Any,
+                                                               tiny_llama_dir: str) -> None:
+    """With every token held raw, the pool caps the sequence as SGLang caps max_new_tokens:
+    the request finishes ("length") at the pool's size instead of aborting for want of a
+    slot, and its tokens are the ones a large pool gives."""
+    pool = 80
+    e = Engine(model_path=tiny_llama_dir, context_length=CONTEXT, max_total_tokens=pool,
+               log_level="warning")
+    try:
+        assert e.get_server_info()["max_req_input_len"] == pool - 1
+        prompt = random_ids(60, seed=5)
+        out = e.generate(input_ids=prompt, sampling_params={"max_new_tokens": 64,
+                                                            "temperature": 0})
+        meta = out["meta_info"]
+        assert meta["finish_reason"] == {"type": "length", "length": pool - 60}, meta
+        assert meta["completion_tokens"] == pool - 60
+        large = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": pool - 60,
+                                                                   "temperature": 0})
+        assert out["output_ids"] == large["output_ids"]
+        assert_no_leak(e)
+    finally:
+        e.shutdown()
+
+
 # ---------------------------------------------------------------------- prefill only, stops
 def test_max_new_tokens_zero_is_prefill_only(engine: Any) -> None:
     outs = engine.generate(input_ids=[PROMPT, random_ids(70, seed=4)],

@@ -85,8 +85,9 @@ class Req:
         return max(0, limit)
 
     # ------------------------------------------------------------------ finish checks
-    def check_finished(self, context_len: int, tokenizer: Any = None) -> None:
-        """Set ``finished_reason`` if the last generated token ends the request."""
+    def check_finished(self, max_seq_len: int, tokenizer: Any = None) -> None:
+        """Set ``finished_reason`` if the last generated token ends the request (the
+        sequence reaching ``max_seq_len`` tokens ends it with "length")."""
         if self.finished():
             return
         sp = self.sampling_params
@@ -116,7 +117,7 @@ class Req:
             # next; finishing now saves that step and leaves the text the same).
             self.finished_reason = {"type": "stop", "matched": None}
             return
-        if self.seq_len() >= context_len:
+        if self.seq_len() >= max_seq_len:
             self.finished_reason = {"type": "length", "length": n_out}
 
     # ------------------------------------------------------------------ KV bookkeeping

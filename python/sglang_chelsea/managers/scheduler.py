@@ -57,6 +57,11 @@ class Scheduler:
         self.chunked_prefill_size = None if chunk in (None, -1) else chunk
         self.max_req_input_len = min(self.context_len - 1, self.max_total_num_tokens - 1)
         self.kv_compressor = mr.kv_compressor
+        # A request ends ("length") at the context length, or, when the cache holds every
+        # token raw, at the pool's size: as SGLang caps max_new_tokens by the pool, a lone
+        # request that outgrows it finishes instead of aborting for want of a slot.
+        self.max_seq_len = (self.context_len if self.kv_compressor is not None
+                            else min(self.context_len, self.max_total_num_tokens))
         self.waiting_queue: list[Req] = []
         self.running: list[Req] = []
         self.chunked_req: Optional[Req] = None
@@ -115,12 +120,12 @@ class Scheduler:
     def _finish_aborted(self) -> None:
         for req in list(self.running):
             if req.to_abort is not None:
-                req.check_finished(self.context_len)
+                req.check_finished(self.max_seq_len)
                 self.running.remove(req)
                 self._release_finished(req)
         req = self.chunked_req
         if req is not None and req.to_abort is not None:
-            req.check_finished(self.context_len)
+            req.check_finished(self.max_seq_len)
             self.chunked_req = None
             self._release_finished(req)
 
@@ -306,7 +311,7 @@ class Scheduler:
             if sample:
                 if req.sampling_params.max_new_tokens == 0 or \
                         len(req.output_ids) >= req.sampling_params.max_new_tokens:
-                    req.check_finished(self.context_len)
+                    req.check_finished(self.max_seq_len)
                 else:
                     to_sample.append(req)
                     sample_rows.append(start + n_lp)
@@ -385,7 +390,7 @@ class Scheduler:
             # The only request cannot even decode: the pool is smaller than one request.
             self.running.remove(victim)
             victim.to_abort = "the KV cache is too small to continue this request"
-            victim.check_finished(self.context_len)
+            victim.check_finished(self.max_seq_len)
             self._release_finished(victim)
             return True
         self.running.remove(victim)

@@ -49,7 +49,7 @@ def sample_batch(scheduler: "Scheduler", reqs: list[Req], logits: torch.Tensor) 
             req.output_token_logprobs.append((chosen[i], tok))
             if req.top_logprobs_num and out.top_logprobs is not None:
                 req.output_top_logprobs.append(out.top_logprobs[i])
-        req.check_finished(scheduler.context_len, scheduler.tokenizer)
+        req.check_finished(scheduler.max_seq_len, scheduler.tokenizer)
 
 
 def grammar_masks(reqs: list[Req], vocab_size: int, banned: list[list[int]]
