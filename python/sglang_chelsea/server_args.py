@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from sglang_chelsea.entrypoints.tool_calls import TOOL_CALL_PARSERS
+
 KV_COMPRESSION_CHOICES = ("none", "chelsea", "clusterkv", "snapkv", "streaming")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKEND_CHOICES = ("auto", "torch", "triton", "flashinfer")
@@ -40,6 +42,7 @@ class ServerArgs:
     tokenizer_path: Optional[str] = None
     served_model_name: Optional[str] = None
     chat_template: Optional[str] = None
+    tool_call_parser: Optional[str] = None
     dtype: str = "auto"
     device: str = "auto"
     context_length: Optional[int] = None
@@ -114,6 +117,9 @@ class ServerArgs:
         if self.device == "cuda" and not cuda_available():
             raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU; "
                              "use --device cpu")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_CALL_PARSERS)}, "
+                             f"got {self.tool_call_parser!r}")
         if self.load_format not in LOAD_FORMAT_CHOICES:
             raise ValueError(
                 f"load_format must be one of {LOAD_FORMAT_CHOICES}, got {self.load_format!r}")
@@ -265,6 +271,11 @@ class ServerArgs:
                        help="Model name reported by /v1/models (default: the model path)")
         g.add_argument("--chat-template", type=str, default=d.chat_template,
                        help="Jinja chat template file or string, or 'chatml' (default: the tokenizer's)")
+        g.add_argument("--tool-call-parser", type=str, default=d.tool_call_parser,
+                       choices=sorted(TOOL_CALL_PARSERS),
+                       help="How the model writes tool calls, to return them as tool_calls "
+                            "in /v1/chat/completions (default: none; tool_choice required or "
+                            "named works without one)")
         g.add_argument("--dtype", type=str, default=d.dtype,
                        choices=["auto", "float32", "bfloat16", "float16", "half", "float"],
                        help="Weight and activation dtype; auto = float32 on the CPU, "

@@ -13,7 +13,8 @@ def default_server(tmp_path_factory: pytest.TempPathFactory, name: str
                    ) -> Iterator[ServerProcess]:
     """A server on the default model with the tests' settings; stopped after the yield."""
     log = tmp_path_factory.mktemp(name) / "server.log"
-    srv = launch_server_process(["--max-total-tokens", "20000", "--num-threads", "1"], log)
+    srv = launch_server_process(["--max-total-tokens", "20000", "--num-threads", "1",
+                                 "--tool-call-parser", "qwen25"], log)
     yield srv
     srv.stop()
 

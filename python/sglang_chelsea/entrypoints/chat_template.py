@@ -19,7 +19,7 @@ NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
 # chat_template_kwargs may not override them.
 RESERVED_TEMPLATE_KWARGS = frozenset({
     "messages", "conversation", "chat_template", "tokenize", "add_generation_prompt",
-    "continue_final_message", "return_dict",
+    "continue_final_message", "return_dict", "tools",
 })
 
 
@@ -48,8 +48,10 @@ def load_chat_template(chat_template: str | None, tokenizer: Any) -> str | None:
 def apply_chat_template(tokenizer: Any, template: str | None, messages: list[dict[str, Any]],
                         add_generation_prompt: bool = True,
                         continue_final_message: bool = False,
-                        template_kwargs: dict[str, Any] | None = None) -> str:
-    """Render ``messages`` to the prompt text (ValueError when there is no template).
+                        template_kwargs: dict[str, Any] | None = None,
+                        tools: list[dict[str, Any]] | None = None) -> str:
+    """Render ``messages`` (and ``tools``, for templates that show them) to the prompt text
+    (ValueError when there is no template).
 
     ``template_kwargs`` (a request's ``chat_template_kwargs``) become extra template
     variables; naming one of RESERVED_TEMPLATE_KWARGS is a ValueError.
@@ -65,7 +67,7 @@ def apply_chat_template(tokenizer: Any, template: str | None, messages: list[dic
         return tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False,
             add_generation_prompt=add_generation_prompt and not continue_final_message,
-            continue_final_message=continue_final_message, **kwargs)
+            continue_final_message=continue_final_message, tools=tools, **kwargs)
     except ValueError:
         raise
     except Exception as exc:  # a template error (jinja2 raises its own types)

@@ -7,6 +7,7 @@ into OpenAI objects or stream chunks.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,6 +28,16 @@ from sglang_chelsea.entrypoints.openai_protocol import (
     SamplingFields,
 )
 from sglang_chelsea.entrypoints.sse import SSE_DONE, sse_data, sse_response
+from sglang_chelsea.entrypoints.tool_calls import (
+    ToolCall,
+    ToolCallParser,
+    ToolCallStream,
+    check_tools,
+    forced_calls_schema,
+    make_parser,
+    split_tool_calls,
+    template_messages,
+)
 from sglang_chelsea.managers.generate_request import GenerateReqInput
 from sglang_chelsea.managers.tokenizer_manager import (
     ServerDeadError,
@@ -85,9 +96,11 @@ def chat_logprobs(entries: list[LogprobEntry], tops: list[Any] | None) -> dict[s
 class OpenAIServing:
     """Serves the OpenAI endpoints on top of a TokenizerManager."""
 
-    def __init__(self, tokenizer_manager: TokenizerManager, chat_template: str | None) -> None:
+    def __init__(self, tokenizer_manager: TokenizerManager, chat_template: str | None,
+                 tool_call_parser: str | None = None) -> None:
         self.tm = tokenizer_manager
         self.chat_template = chat_template
+        self.tool_call_parser = make_parser(tool_call_parser)
 
     # ------------------------------------------------------------------ models
     def list_models(self) -> dict[str, Any]:
@@ -231,19 +244,35 @@ class OpenAIServing:
         return await self._respond(obj, prepared, raw_request, render, stream)
 
     # ------------------------------------------------------------------ chat
-    def _chat_prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
-        if req.tools:
-            raise ValueError("tools are not supported")
+    def _chat_prompt_ids(self, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None
+                         ) -> list[int]:
         messages = []
         for m in req.messages:
             message = m.model_dump(exclude_none=True)
             message["content"] = m.text_content()
             messages.append(message)
-        prompt = apply_chat_template(self.tm.tokenizer, self.chat_template, messages,
-                                     add_generation_prompt=True,
+        prompt = apply_chat_template(self.tm.tokenizer, self.chat_template,
+                                     template_messages(messages), add_generation_prompt=True,
                                      continue_final_message=req.continue_final_message,
-                                     template_kwargs=req.chat_template_kwargs)
+                                     template_kwargs=req.chat_template_kwargs, tools=tools)
         return self.tm.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def _tool_mode(self, req: ChatCompletionRequest, params: dict[str, Any]
+                   ) -> tuple[list[dict[str, Any]] | None, ToolCallParser | None, bool]:
+        """``(tools for the template, parser, forced)`` of a request; a forced tool choice
+        (required or named) sets the JSON schema of its calls in ``params``."""
+        tools = req.tools or []
+        name = check_tools(tools, req.tool_choice)
+        if not tools or req.tool_choice == "none":
+            return None, None, False
+        forced = req.tool_choice == "required" or name is not None
+        if forced:
+            if any(k in params for k in ("regex", "json_schema", "ebnf")):
+                raise ValueError("a required or named tool_choice cannot be combined with "
+                                 "regex, json_schema, ebnf or response_format")
+            params["json_schema"] = json.dumps(
+                forced_calls_schema(tools, name, single=not req.parallel_tool_calls))
+        return tools, self.tool_call_parser, forced
 
     async def create_chat_completion(self, body: Any, raw_request: Request) -> Response:
         try:
@@ -253,9 +282,11 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
         try:
+            params = req.sampling_params(max_tokens)
+            tools, parser, forced = self._tool_mode(req, params)
             obj = GenerateReqInput(
-                input_ids=self._chat_prompt_ids(req),
-                sampling_params=req.sampling_params(max_tokens), rid=req.rid,
+                input_ids=self._chat_prompt_ids(req, tools),
+                sampling_params=params, rid=req.rid,
                 return_logprob=req.logprobs, top_logprobs_num=req.top_logprobs or 0,
                 return_text_in_logprobs=True, stream=req.stream)
             prepared = self._prepare(req, obj, max_tokens)
@@ -272,35 +303,56 @@ class OpenAIServing:
                 return None
             return chat_logprobs(meta["output_token_logprobs"], meta.get("output_top_logprobs"))
 
+        def finish_of(reason: dict[str, Any] | None, calls: list[ToolCall]) -> str | None:
+            """OpenAI's finish_reason: "tool_calls" when the output ended in tool calls."""
+            if calls and reason is not None and reason.get("type") == "stop":
+                return "tool_calls"
+            return finish_reason_str(reason)
+
         def render(outs: list[dict[str, Any]]) -> dict[str, Any]:
             out = outs[0]
             reason = out["meta_info"]["finish_reason"]
+            content, calls = split_tool_calls(out["text"], parser, forced)
             return {"id": cid, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{
                         "index": 0,
-                        "message": {"role": "assistant", "content": out["text"],
-                                    "reasoning_content": None, "tool_calls": None},
+                        "message": {"role": "assistant",
+                                    "content": (content or None) if calls else content,
+                                    "reasoning_content": None,
+                                    "tool_calls": [c.to_openai() for c in calls] or None},
                         "logprobs": logprobs_of(out["meta_info"]),
-                        "finish_reason": finish_reason_str(reason),
+                        "finish_reason": finish_of(reason, calls),
                         "matched_stop": matched_stop(reason)}],
                     "usage": usage_of([out["meta_info"]])}
 
-        def chunk(delta: dict[str, Any], logprobs: Any = None, reason: Any = None) -> str:
+        def chunk(delta: dict[str, Any], logprobs: Any = None, reason: Any = None,
+                  finish: str | None = None) -> str:
             return sse_data({"id": cid, "object": "chat.completion.chunk", "created": created,
                              "model": model, "choices": [{
                                  "index": 0, "delta": delta, "logprobs": logprobs,
-                                 "finish_reason": finish_reason_str(reason),
+                                 "finish_reason": finish or finish_reason_str(reason),
                                  "matched_stop": matched_stop(reason)}]})
 
         async def stream(gen: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
             meta: dict[str, Any] | None = None
+            splitter = ToolCallStream(parser, forced)
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 async for _, delta, out in self._events(gen):
                     meta = out["meta_info"]
                     reason = meta["finish_reason"]
                     logprobs = logprobs_of(meta)
-                    if delta or reason is not None or (logprobs and logprobs["content"]):
+                    delta = splitter.feed(delta)
+                    calls: list[ToolCall] = []
+                    if reason is not None:
+                        rest, calls = splitter.finish()
+                        delta += rest
+                    if calls:
+                        if delta or (logprobs and logprobs["content"]):
+                            yield chunk({"content": delta} if delta else {}, logprobs)
+                        yield chunk({"tool_calls": [c.to_openai(i) for i, c in enumerate(calls)]},
+                                    None, reason, finish_of(reason, calls))
+                    elif delta or reason is not None or (logprobs and logprobs["content"]):
                         yield chunk({"content": delta} if delta else {}, logprobs, reason)
                 if req.include_usage and meta is not None:
                     yield sse_data({"id": cid, "object": "chat.completion.chunk",

@@ -1,0 +1,297 @@
+"""Function calling for ``/v1/chat/completions``: ``tools``, ``tool_choice`` and
+``--tool-call-parser``, as SGLang serves them.
+
+- ``tool_choice: "none"``: the tools are neither shown to the chat template nor parsed.
+- ``"auto"`` (the default when tools are given): the tools go to the chat template; with a
+  ``--tool-call-parser``, the calls the model writes in its own format are taken out of the
+  text into ``message.tool_calls`` (without one, the text is returned as it is).
+- ``"required"`` or a named function: the output is constrained to a JSON array of
+  ``{"name", "parameters"}`` objects that follow the tools' parameter schemas (the JSON
+  schema SGLang uses), and that array becomes the tool calls, whatever the parser.
+
+Parsers (model formats): ``qwen25`` / ``hermes`` (``<tool_call>{json}</tool_call>``),
+``llama3`` (``<|python_tag|>`` or a leading ``{"name": ..., "parameters": ...}``, several
+separated by ``;``), ``mistral`` (``[TOOL_CALLS] [{...}, ...]``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+_DECODER = json.JSONDecoder()
+
+
+@dataclass
+class ToolCall:
+    """One parsed call: the function's name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+    def to_openai(self, index: Optional[int] = None) -> dict[str, Any]:
+        """The OpenAI ``tool_calls`` entry (with ``index`` in a stream delta)."""
+        call: dict[str, Any] = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                                "function": {"name": self.name, "arguments": self.arguments}}
+        return call if index is None else {"index": index, **call}
+
+
+def _call_of(obj: Any) -> Optional[ToolCall]:
+    """A ToolCall from ``{"name", "arguments" | "parameters"}``; None for anything else."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):  # some models write the arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+def _json_values(text: str, separators: str = "") -> Optional[list[Any]]:
+    """Every JSON value in ``text``, separated by whitespace or ``separators``; None if any
+    of it is not JSON."""
+    values, i = [], 0
+    while True:
+        while i < len(text) and (text[i].isspace() or text[i] in separators):
+            i += 1
+        if i == len(text):
+            return values
+        try:
+            value, i = _DECODER.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return None
+        values.append(value)
+
+
+def _calls_of(values: Optional[list[Any]]) -> list[ToolCall]:
+    """Calls from JSON values (lists are flattened); [] unless every value is a call."""
+    if not values:
+        return []
+    flat = [v for value in values for v in (value if isinstance(value, list) else [value])]
+    calls = [_call_of(v) for v in flat]
+    return [c for c in calls if c is not None] if flat and None not in calls else []
+
+
+class ToolCallParser:
+    """Finds a model's tool calls in its output text.
+
+    Subclasses give ``markers`` (texts that open the calls anywhere in the output) and
+    ``leading`` (texts that open them only at the start), and :meth:`parse_calls`.
+    """
+
+    markers: tuple[str, ...] = ()
+    leading: tuple[str, ...] = ()
+
+    def find_start(self, text: str) -> int:
+        """Where the calls begin in ``text``, or -1."""
+        found = [i for i in (text.find(m) for m in self.markers) if i >= 0]
+        if any(text.lstrip().startswith(m) for m in self.leading):
+            found.append(0)  # the whitespace before a leading call is part of it
+        return min(found, default=-1)
+
+    def undecided(self, text: str) -> int:
+        """How many characters at the end of ``text`` may still become a marker (to hold
+        back from a stream)."""
+        held = 0
+        for marker in self.markers:
+            for n in range(min(len(marker) - 1, len(text)), held, -1):
+                if marker.startswith(text[-n:]):
+                    held = n
+                    break
+        if not text.strip() and self.leading:
+            held = len(text)  # only whitespace so far: a leading call may still follow
+        return held
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        """``(content, calls)``: the text before the calls and the calls; ``(text, [])``
+        when ``text`` holds no well-formed call."""
+        start = self.find_start(text)
+        if start < 0:
+            return text, []
+        calls = self.parse_calls(text[start:])
+        return (text[:start].rstrip(), calls) if calls else (text, [])
+
+    def parse_calls(self, text: str) -> list[ToolCall]:
+        raise NotImplementedError
+
+
+class HermesParser(ToolCallParser):
+    """``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` (Qwen2.5, Hermes)."""
+
+    markers = ("<tool_call>",)
+    _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+    def parse_calls(self, text: str) -> list[ToolCall]:
+        blocks = self._BLOCK.findall(text)
+        calls = [_calls_of(_json_values(b)) for b in blocks]
+        return [c for cs in calls for c in cs] if all(calls) else []
+
+
+class Llama3Parser(ToolCallParser):
+    """``<|python_tag|>{"name": ..., "parameters": {...}}; {...}`` or the JSON alone at the
+    start of the output (Llama 3.1-3.3)."""
+
+    markers = ("<|python_tag|>",)
+    leading = ("{",)
+
+    def parse_calls(self, text: str) -> list[ToolCall]:
+        text = text.replace("<|python_tag|>", "", 1)
+        return _calls_of(_json_values(text, separators=";"))
+
+
+class MistralParser(ToolCallParser):
+    """``[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`` (Mistral); with the
+    special token skipped, the JSON array alone at the start of the output."""
+
+    markers = ("[TOOL_CALLS]",)
+    leading = ("[{",)
+
+    def parse_calls(self, text: str) -> list[ToolCall]:
+        return _calls_of(_json_values(text.replace("[TOOL_CALLS]", "", 1)))
+
+
+TOOL_CALL_PARSERS: dict[str, type[ToolCallParser]] = {
+    "qwen25": HermesParser, "hermes": HermesParser, "llama3": Llama3Parser,
+    "mistral": MistralParser,
+}
+
+
+def make_parser(name: Optional[str]) -> Optional[ToolCallParser]:
+    """The parser named by ``--tool-call-parser`` (None for none)."""
+    if name is None:
+        return None
+    if name not in TOOL_CALL_PARSERS:
+        raise ValueError(f"unknown tool call parser {name!r} (one of {sorted(TOOL_CALL_PARSERS)})")
+    return TOOL_CALL_PARSERS[name]()
+
+
+# ---------------------------------------------------------------------- tool_choice
+def check_tools(tools: list[dict[str, Any]], tool_choice: Any) -> Optional[str]:
+    """Validate ``tools`` and ``tool_choice``; return the named function, if one is forced.
+
+    Raises ValueError naming the problem.
+    """
+    names = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if tool.get("type", "function") != "function" or not isinstance(fn, dict) \
+                or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": "
+                             "{\"name\": ..., \"parameters\": {...}}}")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+        names.append(fn["name"])
+    if tool_choice in (None, "none", "auto", "required"):
+        if tool_choice == "required" and not tools:
+            raise ValueError('tool_choice "required" needs tools')
+        return None
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ValueError('tool_choice must be "none", "auto", "required" or '
+                         '{"type": "function", "function": {"name": ...}}')
+    if fn["name"] not in names:
+        raise ValueError(f"tool_choice names function {fn['name']!r}, which is not in tools")
+    return fn["name"]
+
+
+def _tool_schema(fn: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object",
+            "properties": {"name": {"type": "string", "enum": [fn["name"]]},
+                           "parameters": fn.get("parameters") or {"type": "object",
+                                                                   "properties": {}}},
+            "required": ["name", "parameters"], "additionalProperties": False}
+
+
+def forced_calls_schema(tools: list[dict[str, Any]], name: Optional[str], single: bool = False
+                        ) -> dict[str, Any]:
+    """The JSON schema of the output under ``tool_choice`` "required" (``name`` None) or a
+    named function: an array of one or more ``{"name", "parameters"}`` calls (one when
+    ``name`` is given or ``single``: ``parallel_tool_calls`` false)."""
+    fns = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    items = _tool_schema(fns[0]) if len(fns) == 1 else {"anyOf": [_tool_schema(f) for f in fns]}
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": items}
+    if name is not None or single:
+        schema["maxItems"] = 1
+    return schema
+
+
+def split_tool_calls(text: str, parser: Optional[ToolCallParser], forced: bool
+                     ) -> tuple[str, list[ToolCall]]:
+    """``(content, calls)`` of a whole output: with ``forced`` (tool_choice required or
+    named) the output is the JSON array of calls; else ``parser`` finds the calls (none
+    without a parser). Without a well-formed call the content is the whole text."""
+    if forced:
+        calls = _calls_of(_json_values(text))
+        return ("", calls) if calls else (text, [])
+    return parser.parse(text) if parser is not None else (text, [])
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages for a chat template: an assistant's ``tool_calls`` arguments as objects
+    (templates write them with ``tojson``), as SGLang passes them."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            message = dict(message, tool_calls=[_with_object_arguments(c) for c in calls])
+        out.append(message)
+    return out
+
+
+def _with_object_arguments(call: Any) -> Any:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(fn["arguments"])
+    except json.JSONDecodeError:
+        return call
+    return dict(call, function=dict(fn, arguments=arguments))
+
+
+class ToolCallStream:
+    """Splits a streamed output into content to send now and tool calls at the end.
+
+    Content flows until the calls begin (a marker's possible beginning is held back); from
+    there the text is kept, and :meth:`finish` parses it: its calls, or, when it holds no
+    well-formed call, the kept text as content. With ``forced`` (``tool_choice`` required or
+    named) the whole output is kept.
+    """
+
+    def __init__(self, parser: Optional[ToolCallParser], forced: bool) -> None:
+        self.parser = parser
+        self.forced = forced
+        self.text = ""
+        self.sent = 0
+        self.holding = forced
+
+    def feed(self, delta: str) -> str:
+        """Add new output text; return the content that can be sent now."""
+        self.text += delta
+        if self.holding:
+            return ""
+        if self.parser is None:
+            self.sent = len(self.text)
+            return delta
+        start = self.parser.find_start(self.text)
+        if start >= 0:
+            self.holding = True
+            end = start
+        else:
+            end = len(self.text) - self.parser.undecided(self.text)
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """``(content not yet sent, calls)`` once the output is complete."""
+        content, calls = split_tool_calls(self.text, self.parser, self.forced)
+        if calls:
+            return content[self.sent:], calls
+        return self.text[self.sent:], []
