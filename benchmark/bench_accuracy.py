@@ -69,7 +69,7 @@ class Policy:
         if self.name == "none":
             return {"kv_compression": "none"}
         if self.name == "streaming":
-            return {"kv_compression": "streaming", "chelsea_chunk_size": self.args.get("chunk", 128),
+            return {"kv_compression": "streaming", "chelsea_chunk_size": int(self.args.get("chunk", 128)),
                     "streaming_window": max(1, int(self.keep * context_len))}
         if self.name == "snapkv":
             window = int(self.args.get("window", 32))

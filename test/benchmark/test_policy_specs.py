@@ -23,3 +23,14 @@ def test_snapkv_spec_by_share_or_by_budget() -> None:
 def test_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown policy"):
         parse_policy("h2o:keep=0.2")
+
+
+@pytest.mark.parametrize("spec", ["streaming:keep=0.25,chunk=32", "snapkv:keep=0.2,chunk=64",
+                                  "chelsea:keep=0.25,chunk=512,round=0.0625,recent=2",
+                                  "clusterkv:keep=0.25,tpc=16"])
+def test_every_spec_gives_valid_flags(spec: str) -> None:
+    """Spec values arrive as strings; the engine flags they give are typed and valid."""
+    args = parse_policy(spec).engine_args(4096)
+    ServerArgs(device="cpu", **args)
+    if "chunk=" in spec:
+        assert args["chelsea_chunk_size"] == int(spec.split("chunk=")[1].split(",")[0])
