@@ -121,6 +121,27 @@ def test_shared_prefix_is_clustered_once(tiny_chelsea: Engine) -> None:
     _assert_no_leak(tiny_chelsea)
 
 
+def test_parallel_samples_share_one_clustered_prompt(tiny_llama_dir: str) -> None:
+    """n = 3 samples of one prompt: its chunks are clustered once (the other two samples hit
+    them) and each sample equals a separate request with its seed (seed + j). With no raw
+    recent chunk every completed chunk is shareable at once."""
+    engine = _engine(tiny_llama_dir, chelsea_min_similarity=-1.0, chunked_prefill_size=40,
+                     chelsea_recent_chunks=0)
+    ids = _prompt_ids(170, seed=6)  # 5 whole chunks + 10 raw tokens
+    params = {"max_new_tokens": 8, "temperature": 1.0, "seed": 11}
+    outs = engine.generate(input_ids=ids, sampling_params={**params, "n": 3})
+    assert isinstance(outs, list) and len(outs) == 3
+    assert [o["meta_info"]["cached_tokens"] for o in outs] == [0, 160, 160]
+    # 170 + 8 tokens never complete a 6th chunk: the prompt's 5 chunks, clustered once.
+    assert engine.get_server_info()["kv_cache"]["clustered_chunks"] == 5
+    for j, out in enumerate(outs):
+        alone = engine.generate(input_ids=ids, sampling_params={**params, "seed": 11 + j})
+        assert out["output_ids"] == alone["output_ids"]
+    assert len({tuple(o["output_ids"]) for o in outs}) > 1  # the seeds differ
+    _assert_no_leak(engine)
+    engine.shutdown()
+
+
 def test_radix_hit_on_compressed_prefix_gives_same_output(tiny_chelsea: Engine) -> None:
     ids = _prompt_ids(150, seed=4)
     first = tiny_chelsea.generate(input_ids=ids, sampling_params={**GREEDY, "max_new_tokens": 40})

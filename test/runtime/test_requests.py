@@ -153,6 +153,22 @@ def test_a_request_that_outgrows_a_small_pool_ends_with_length(engine: Any,
         e.shutdown()
 
 
+def test_n_samples_per_prompt(engine: Any, greedy_ids: list[int]) -> None:
+    """``n`` expands each prompt into n requests, prompt-major, as SGLang returns them."""
+    outs = engine.generate(input_ids=PROMPT, sampling_params={**GREEDY, "n": 2})
+    assert isinstance(outs, list) and [o["output_ids"] for o in outs] == [greedy_ids] * 2
+    other = random_ids(30, seed=12)
+    outs = engine.generate(input_ids=[PROMPT, other],
+                           sampling_params={"max_new_tokens": 4, "temperature": 0, "n": 2})
+    assert len(outs) == 4
+    assert outs[0]["output_ids"] == outs[1]["output_ids"] == greedy_ids[:4]
+    assert outs[2]["output_ids"] == outs[3]["output_ids"] != greedy_ids[:4]
+    assert [o["meta_info"]["prompt_tokens"] for o in outs] == [24, 24, 30, 30]
+    with pytest.raises(ValueError, match="n must be in"):
+        engine.generate(input_ids=PROMPT, sampling_params={"n": 0})
+    assert_no_leak(engine)
+
+
 # ---------------------------------------------------------------------- prefill only, stops
 def test_max_new_tokens_zero_is_prefill_only(engine: Any) -> None:
     outs = engine.generate(input_ids=[PROMPT, random_ids(70, seed=4)],

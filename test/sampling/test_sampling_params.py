@@ -30,7 +30,6 @@ VOCAB = 100
         ("repetition_penalty", 0.0),
         ("repetition_penalty", 2.1),
         ("n", 0),
-        ("n", 2),
         ("stop_token_ids", [VOCAB]),
         ("stop_token_ids", [-1]),
         ("max_new_tokens", "5"),

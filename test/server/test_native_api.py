@@ -70,6 +70,18 @@ def test_batch_stream_has_index(url: str) -> None:
     assert finished == {0, 1}
 
 
+def test_parallel_sampling_n(url: str) -> None:
+    """``n`` samples of one prompt: a list of n responses (streamed with ``index``), the
+    later ones hitting the first one's prompt in the radix cache."""
+    params = {"max_new_tokens": 6, "temperature": 1.0, "seed": 3, "n": 3}
+    outs = post(url, {"text": PROMPT, "sampling_params": params}).json()
+    assert isinstance(outs, list) and len(outs) == 3
+    assert all(o["meta_info"]["cached_tokens"] > 0 for o in outs[1:])
+    chunks = stream_events(url, {"text": PROMPT, "sampling_params": params})[:-1]
+    finals = {c["index"]: c["text"] for c in chunks if c["meta_info"]["finish_reason"]}
+    assert [finals[i] for i in range(3)] == [o["text"] for o in outs]
+
+
 def test_logprobs(url: str) -> None:
     out = post(url, {"text": PROMPT, "sampling_params": {"max_new_tokens": 3, "temperature": 0},
                      "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2,

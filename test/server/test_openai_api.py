@@ -140,8 +140,8 @@ def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
 
 
 def test_bad_requests(client: openai.OpenAI, url: str) -> None:
-    with pytest.raises(openai.BadRequestError, match="n must be 1"):
-        client.chat.completions.create(model="m", messages=QUESTION, n=2)
+    with pytest.raises(openai.BadRequestError, match="n must be in"):
+        client.chat.completions.create(model="m", messages=QUESTION, n=129)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="m", prompt="x", temperature=-1)
     for body in ({"messages": []}, {"model": "m"}, {"messages": [{"role": "robot"}]},
@@ -150,3 +150,34 @@ def test_bad_requests(client: openai.OpenAI, url: str) -> None:
         assert r.status_code == 400 and r.json()["error"]["message"]
     r = requests.post(url + "/v1/completions", data="{nope", timeout=30)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_n_choices_stream_and_not(client: openai.OpenAI) -> None:
+    """n samples per prompt: choices 0..n-1 (seed + j each, so they differ and repeat),
+    streamed interleaved by index with the same texts; completions are prompt-major."""
+    body = dict(model="m", messages=QUESTION, n=3, max_tokens=8, temperature=1.0, seed=7)
+    full = client.chat.completions.create(**body)
+    assert [c.index for c in full.choices] == [0, 1, 2]
+    texts = [c.message.content for c in full.choices]
+    assert len(set(texts)) > 1
+    chunks = list(client.chat.completions.create(**body, stream=True,
+                                                 stream_options={"include_usage": True}))
+    streamed: dict[int, str] = {}
+    finished: dict[int, str] = {}
+    for c in chunks:
+        for choice in c.choices:
+            assert choice.index not in finished  # nothing after a choice's finish_reason
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert [streamed[i] for i in range(3)] == texts
+    assert [finished[i] for i in range(3)] == [c.finish_reason for c in full.choices]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+    out = client.completions.create(model="m", prompt=["The sky is", "Two plus two is"], n=2,
+                                    max_tokens=4, temperature=0)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert out.choices[0].text == out.choices[1].text != out.choices[2].text
+    assert out.choices[2].text == out.choices[3].text
+    one = client.completions.create(model="m", prompt="The sky is", max_tokens=4, temperature=0)
+    assert out.choices[0].text == one.choices[0].text

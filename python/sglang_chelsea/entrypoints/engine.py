@@ -57,7 +57,7 @@ class Engine:
             self.scheduler.add_request(tokenized)
         self._run_until_done(by_rid)
         results = [s.to_response(self.tokenizer) for s in states]
-        return results[0] if obj.is_single else results
+        return results[0] if obj.returns_single else results
 
     def _run_until_done(self, states: dict[str, ReqState]) -> None:
         pending = set(states)

@@ -25,7 +25,6 @@ from sglang_chelsea.entrypoints.http_errors import (
 from sglang_chelsea.entrypoints.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    SamplingFields,
 )
 from sglang_chelsea.entrypoints.sse import SSE_DONE, sse_data, sse_response
 from sglang_chelsea.entrypoints.tool_calls import (
@@ -110,11 +109,8 @@ class OpenAIServing:
             "max_model_len": self.tm.context_len}]}
 
     # ------------------------------------------------------------------ helpers
-    def _prepare(self, req: SamplingFields, obj: GenerateReqInput, max_tokens: int | None
-                 ) -> list[Any]:
+    def _prepare(self, obj: GenerateReqInput, max_tokens: int | None) -> list[Any]:
         """Check and tokenize; with no token limit, allow the rest of the context."""
-        if req.n != 1:
-            raise ValueError(f"n must be 1 (only one choice per prompt is supported), got {req.n}")
         obj.check()
         prepared = self.tm.prepare_request(obj)
         if max_tokens is None:
@@ -168,7 +164,7 @@ class OpenAIServing:
                 # in OpenAI's legacy API and SGLang, e.g. for scoring a text with max_tokens 0.
                 logprob_start_len=0 if req.echo and req.logprobs is not None else -1,
                 return_text_in_logprobs=True, stream=req.stream)
-            prepared = self._prepare(req, obj, req.max_tokens)
+            prepared = self._prepare(obj, req.max_tokens)
         except ServerDeadError as exc:
             return error_response(str(exc), 503)
         except ValueError as exc:
@@ -289,7 +285,7 @@ class OpenAIServing:
                 sampling_params=params, rid=req.rid,
                 return_logprob=req.logprobs, top_logprobs_num=req.top_logprobs or 0,
                 return_text_in_logprobs=True, stream=req.stream)
-            prepared = self._prepare(req, obj, max_tokens)
+            prepared = self._prepare(obj, max_tokens)
         except ServerDeadError as exc:
             return error_response(str(exc), 503)
         except ValueError as exc:
@@ -310,54 +306,60 @@ class OpenAIServing:
             return finish_reason_str(reason)
 
         def render(outs: list[dict[str, Any]]) -> dict[str, Any]:
-            out = outs[0]
-            reason = out["meta_info"]["finish_reason"]
-            content, calls = split_tool_calls(out["text"], parser, forced)
+            choices = []
+            for index, out in enumerate(outs):
+                reason = out["meta_info"]["finish_reason"]
+                content, calls = split_tool_calls(out["text"], parser, forced)
+                choices.append({
+                    "index": index,
+                    "message": {"role": "assistant",
+                                "content": (content or None) if calls else content,
+                                "reasoning_content": None,
+                                "tool_calls": [c.to_openai() for c in calls] or None},
+                    "logprobs": logprobs_of(out["meta_info"]),
+                    "finish_reason": finish_of(reason, calls),
+                    "matched_stop": matched_stop(reason)})
             return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{
-                        "index": 0,
-                        "message": {"role": "assistant",
-                                    "content": (content or None) if calls else content,
-                                    "reasoning_content": None,
-                                    "tool_calls": [c.to_openai() for c in calls] or None},
-                        "logprobs": logprobs_of(out["meta_info"]),
-                        "finish_reason": finish_of(reason, calls),
-                        "matched_stop": matched_stop(reason)}],
-                    "usage": usage_of([out["meta_info"]])}
+                    "choices": choices, "usage": usage_of([o["meta_info"] for o in outs])}
 
-        def chunk(delta: dict[str, Any], logprobs: Any = None, reason: Any = None,
+        def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, reason: Any = None,
                   finish: str | None = None) -> str:
             return sse_data({"id": cid, "object": "chat.completion.chunk", "created": created,
                              "model": model, "choices": [{
-                                 "index": 0, "delta": delta, "logprobs": logprobs,
+                                 "index": index, "delta": delta, "logprobs": logprobs,
                                  "finish_reason": finish or finish_reason_str(reason),
                                  "matched_stop": matched_stop(reason)}]})
 
         async def stream(gen: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
-            meta: dict[str, Any] | None = None
-            splitter = ToolCallStream(parser, forced)
+            metas: dict[int, dict[str, Any]] = {}
+            splitters: dict[int, ToolCallStream] = {}
             try:
-                yield chunk({"role": "assistant", "content": ""})
-                async for _, delta, out in self._events(gen):
-                    meta = out["meta_info"]
+                yield chunk(0, {"role": "assistant", "content": ""})
+                async for index, delta, out in self._events(gen):
+                    if index not in splitters:
+                        splitters[index] = ToolCallStream(parser, forced)
+                        if index:  # each choice opens with its role, as choice 0 did
+                            yield chunk(index, {"role": "assistant", "content": ""})
+                    meta = metas[index] = out["meta_info"]
                     reason = meta["finish_reason"]
                     logprobs = logprobs_of(meta)
-                    delta = splitter.feed(delta)
+                    delta = splitters[index].feed(delta)
                     calls: list[ToolCall] = []
                     if reason is not None:
-                        rest, calls = splitter.finish()
+                        rest, calls = splitters[index].finish()
                         delta += rest
                     if calls:
                         if delta or (logprobs and logprobs["content"]):
-                            yield chunk({"content": delta} if delta else {}, logprobs)
-                        yield chunk({"tool_calls": [c.to_openai(i) for i, c in enumerate(calls)]},
+                            yield chunk(index, {"content": delta} if delta else {}, logprobs)
+                        yield chunk(index, {"tool_calls": [c.to_openai(i)
+                                                           for i, c in enumerate(calls)]},
                                     None, reason, finish_of(reason, calls))
                     elif delta or reason is not None or (logprobs and logprobs["content"]):
-                        yield chunk({"content": delta} if delta else {}, logprobs, reason)
-                if req.include_usage and meta is not None:
+                        yield chunk(index, {"content": delta} if delta else {}, logprobs, reason)
+                if req.include_usage and metas:
                     yield sse_data({"id": cid, "object": "chat.completion.chunk",
                                     "created": created, "model": model, "choices": [],
-                                    "usage": usage_of([meta])})
+                                    "usage": usage_of(list(metas.values()))})
             except ServerDeadError as exc:
                 yield sse_data(error_body(str(exc), 503))
             yield SSE_DONE

@@ -30,6 +30,8 @@ UNSUPPORTED_FIELDS = frozenset({
 # the positions with logprobs. Each entry becomes Python objects in three processes and JSON
 # text, so a full-vocabulary top over a long prompt would exhaust the host's memory.
 MAX_TOP_LOGPROB_ENTRIES = 1 << 22
+# Most samples per prompt (``n``), as OpenAI's API allows.
+MAX_PARALLEL_SAMPLES = 128
 # Any other top-level field not parsed below (``model``, ``log_metrics``, ``background``,
 # ``no_logs``, ``bootstrap_*``, ``data_parallel_rank``, ``priority``, ...) is accepted and ignored.
 
@@ -136,6 +138,25 @@ class GenerateReqInput:
             return 1
         return len(self.text if self.text is not None else self.input_ids)  # type: ignore[arg-type]
 
+    @property
+    def parallel_sample_num(self) -> int:
+        """``n`` of the sampling params: samples per prompt (the same for every prompt)."""
+        params = self.sampling_params
+        ns = {_check_int("n", 1 if p.get("n") is None else p["n"]) if isinstance(p, dict) else 1
+              for p in (params if isinstance(params, list) else [params])}
+        if len(ns) > 1:
+            raise ValueError(f"n must be the same for every prompt of a batch, got {sorted(ns)}")
+        n = ns.pop()
+        if not 1 <= n <= MAX_PARALLEL_SAMPLES:
+            raise ValueError(f"n must be in [1, {MAX_PARALLEL_SAMPLES}], got {n}")
+        return n
+
+    @property
+    def returns_single(self) -> bool:
+        """One response dict (one prompt, one sample); otherwise a list of ``batch_size x n``
+        responses, prompt-major, as SGLang returns them."""
+        return self.is_single and self.parallel_sample_num == 1
+
     def check(self) -> None:
         """Types and shapes of every field (ranges are checked per item later)."""
         if (self.text is None) == (self.input_ids is None):
@@ -167,6 +188,7 @@ class GenerateReqInput:
                 raise ValueError(f"{name} must not be a list for a single prompt")
         if isinstance(self.rid, str) and not self.is_single:
             raise ValueError("rid must be a list of strings for a batch of prompts")
+        self.parallel_sample_num  # noqa: B018 (checks n)
 
     # ------------------------------------------------------------------ items
     def _per_item(self, name: str, i: int) -> Any:
@@ -174,11 +196,18 @@ class GenerateReqInput:
         return value[i] if isinstance(value, list) else value
 
     def to_items(self) -> list[GenerateReqItem]:
-        """One GenerateReqItem per prompt, with parsed SamplingParams and a rid."""
+        """One GenerateReqItem per prompt and sample (prompt-major), with parsed
+        SamplingParams and a rid.
+
+        With ``n > 1`` each prompt becomes ``n`` requests with ``n = 1``: rids ``{rid}_{j}``,
+        and with a ``seed``, seeds ``seed + j``, so the samples differ and stay reproducible.
+        Their common prompt is prefilled once and shared through the radix cache.
+        """
         items = []
         texts = [self.text] if isinstance(self.text, str) else self.text
         ids = ([self.input_ids] if self.is_single else self.input_ids) \
             if self.input_ids is not None else None
+        n = self.parallel_sample_num
         for i in range(self.batch_size):
             rid = self._per_item("rid", i)
             if rid is None:
@@ -191,14 +220,20 @@ class GenerateReqInput:
             top = 0 if top is None else _check_int("top_logprobs_num", top)
             if top < 0:
                 raise ValueError(f"top_logprobs_num must be >= 0, got {top}")
-            items.append(GenerateReqItem(
-                text=texts[i] if texts is not None else None,
-                input_ids=list(ids[i]) if ids is not None else None,  # type: ignore[index]
-                sampling_params=SamplingParams.from_dict(self._per_item("sampling_params", i)),
-                rid=rid, return_logprob=lp,
-                logprob_start_len=-1 if start is None else _check_int("logprob_start_len", start),
-                top_logprobs_num=top, return_text_in_logprobs=self.return_text_in_logprobs,
-                stream=self.stream))
+            for j in range(n):
+                params = SamplingParams.from_dict(self._per_item("sampling_params", i))
+                params.n = 1
+                if n > 1 and params.seed is not None:
+                    params.seed += j
+                items.append(GenerateReqItem(
+                    text=texts[i] if texts is not None else None,
+                    input_ids=list(ids[i]) if ids is not None else None,  # type: ignore[index]
+                    sampling_params=params, rid=rid if n == 1 else f"{rid}_{j}",
+                    return_logprob=lp,
+                    logprob_start_len=-1 if start is None else _check_int("logprob_start_len",
+                                                                          start),
+                    top_logprobs_num=top, return_text_in_logprobs=self.return_text_in_logprobs,
+                    stream=self.stream))
         if len({item.rid for item in items}) != len(items):
             raise ValueError("rid values must be unique")
         return items

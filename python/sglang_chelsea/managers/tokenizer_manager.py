@@ -185,9 +185,9 @@ class TokenizerManager:
                             len(tokenized.input_ids), item.sampling_params)
             await self.send_to_scheduler.send_pyobj(tokenized)
         try:
-            if obj.is_single or obj.stream:
+            if obj.returns_single or obj.stream:
                 async for index, out in self._wait(entries, request if not obj.stream else None):
-                    if not obj.is_single:
+                    if not obj.returns_single:
                         out["index"] = index
                     yield out
             else:

@@ -265,9 +265,7 @@ class SamplingParams:
             _check_range(name, -2.0 <= value <= 2.0, "in [-2, 2]", value)
         rp = self.repetition_penalty
         _check_range("repetition_penalty", 0.0 < rp <= 2.0, "in (0, 2] (1 = none)", rp)
-        _check_range("n", self.n >= 1, ">= 1", self.n)
-        if self.n > 1:
-            raise ValueError(f"n > 1 is not supported, got n={self.n}")
+        _check_range("n", self.n >= 1, ">= 1", self.n)  # n > 1 is expanded by GenerateReqInput
         for token_id in self.stop_token_ids or []:
             in_vocab = 0 <= token_id < vocab_size
             _check_range("stop_token_ids", in_vocab, f"ids in [0, {vocab_size})", token_id)
