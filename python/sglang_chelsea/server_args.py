@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from sglang_chelsea.entrypoints.tool_calls import TOOL_CALL_PARSERS
 
+_FIELD_TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
 KV_COMPRESSION_CHOICES = ("none", "chelsea", "clusterkv", "snapkv", "streaming")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKEND_CHOICES = ("auto", "torch", "triton", "flashinfer")
@@ -110,6 +111,7 @@ class ServerArgs:
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid argument."""
+        self._check_types()
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.device not in DEVICE_CHOICES:
@@ -405,6 +407,24 @@ class ServerArgs:
     def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def _check_types(self) -> None:
+        """Each field holds its declared type (``Engine(...)`` keywords are not parsed like
+        flags): ValueError naming the field otherwise. An int is accepted as a float."""
+        for f in dataclasses.fields(self):
+            declared = str(f.type)
+            optional = declared.startswith("Optional[")
+            name = declared[len("Optional["):-1] if optional else declared
+            kind = _FIELD_TYPES.get(name)
+            value = getattr(self, f.name)
+            if kind is None or (optional and value is None):
+                continue
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            if not ok:
+                raise ValueError(f"{f.name} must be {'None or ' if optional else ''}"
+                                 f"{'a' if name != 'int' else 'an'} {name}, got {value!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "ServerArgs":

@@ -228,9 +228,12 @@ def test_small_kv_pool_retracts_and_completes(ref: Reference, tiny_llama_dir: st
     assert_no_leak(engine)
 
 
-def test_request_larger_than_the_pool_is_aborted(tiny_llama_dir: str) -> None:
-    """A lone request whose KV outgrows the whole pool ends with an abort, not a hang."""
-    engine = make_engine(tiny_llama_dir, max_total_tokens=48)
+def test_compressed_request_larger_than_the_pool_is_aborted(tiny_llama_dir: str) -> None:
+    """A lone request whose KV outgrows the whole pool under a KV policy (whose slot need is
+    not known in advance) ends with an abort, not a hang. (With no policy it ends with
+    "length" at the pool's size: test_requests.py.)"""
+    engine = make_engine(tiny_llama_dir, max_total_tokens=48, kv_compression="chelsea",
+                         chelsea_keep_ratio=1.0, chelsea_chunk_size=16)
     out = engine.generate(input_ids=random_ids(40, seed=1), sampling_params=GREEDY)
     meta = out["meta_info"]
     assert meta["finish_reason"]["type"] == "abort", meta["finish_reason"]
@@ -240,3 +243,4 @@ def test_request_larger_than_the_pool_is_aborted(tiny_llama_dir: str) -> None:
     out = engine.generate(input_ids=random_ids(10, seed=2), sampling_params=GREEDY)
     assert out["meta_info"]["completion_tokens"] == NEW
     assert_no_leak(engine)
+    engine.shutdown()
