@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from sglang_chelsea.entrypoints.reasoning import REASONING_PARSERS, check_reasoning_parser
 from sglang_chelsea.entrypoints.tool_calls import TOOL_CALL_PARSERS
 
 _FIELD_TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
@@ -44,6 +45,7 @@ class ServerArgs:
     served_model_name: Optional[str] = None
     chat_template: Optional[str] = None
     tool_call_parser: Optional[str] = None
+    reasoning_parser: Optional[str] = None
     dtype: str = "auto"
     device: str = "auto"
     context_length: Optional[int] = None
@@ -122,6 +124,7 @@ class ServerArgs:
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_CALL_PARSERS)}, "
                              f"got {self.tool_call_parser!r}")
+        check_reasoning_parser(self.reasoning_parser)
         if self.load_format not in LOAD_FORMAT_CHOICES:
             raise ValueError(
                 f"load_format must be one of {LOAD_FORMAT_CHOICES}, got {self.load_format!r}")
@@ -278,6 +281,10 @@ class ServerArgs:
                        help="How the model writes tool calls, to return them as tool_calls "
                             "in /v1/chat/completions (default: none; tool_choice required or "
                             "named works without one)")
+        g.add_argument("--reasoning-parser", type=str, default=d.reasoning_parser,
+                       choices=sorted(REASONING_PARSERS),
+                       help="Return a reasoning model's <think> part as reasoning_content in "
+                            "/v1/chat/completions (default: none)")
         g.add_argument("--dtype", type=str, default=d.dtype,
                        choices=["auto", "float32", "bfloat16", "float16", "half", "float"],
                        help="Weight and activation dtype; auto = float32 on the CPU, "

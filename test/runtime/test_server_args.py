@@ -17,6 +17,8 @@ from sglang_chelsea.server_args import ServerArgs, prepare_server_args
     ({"chelsea_keep_ratio": "0.5"}, "chelsea_keep_ratio must be a float"),
     ({"max_total_tokens": "1024"}, "max_total_tokens must be None or an int"),
     ({"chat_template": 3}, "chat_template must be None or a str"),
+    ({"reasoning_parser": "o1"}, "unknown reasoning parser 'o1'"),
+    ({"tool_call_parser": "gpt"}, "tool_call_parser must be one of"),
 ])
 def test_keyword_types_are_checked(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -36,10 +38,11 @@ def test_every_flag_gives_its_declared_type() -> None:
     args = prepare_server_args([
         "--device", "cpu", "--kv-compression", "chelsea", "--chelsea-keep-ratio", "0.25",
         "--chelsea-chunk-size", "256", "--max-total-tokens", "4096", "--port", "31000",
-        "--tool-call-parser", "llama3", "--disable-radix-cache"])
+        "--tool-call-parser", "llama3", "--reasoning-parser", "deepseek-r1",
+        "--disable-radix-cache"])
     assert (args.chelsea_keep_ratio, args.chelsea_chunk_size, args.max_total_tokens,
-            args.port, args.tool_call_parser, args.disable_radix_cache) == \
-        (0.25, 256, 4096, 31000, "llama3", True)
+            args.port, args.tool_call_parser, args.reasoning_parser,
+            args.disable_radix_cache) == (0.25, 256, 4096, 31000, "llama3", "deepseek-r1", True)
     defaults = ServerArgs(device="cpu")
     for f in dataclasses.fields(ServerArgs):  # the defaults pass the same check
         assert getattr(defaults, f.name) is not None or str(f.type).startswith("Optional[")

@@ -9,6 +9,7 @@ from typing import Any
 import llguidance
 import pytest
 
+from sglang_chelsea.constrained.grammar_backend import byte_tokenizer
 from sglang_chelsea.entrypoints.tool_calls import (
     ToolCallStream,
     check_tools,
@@ -112,7 +113,7 @@ def test_split_of_a_forced_output() -> None:
 def test_forced_schema_admits_exactly_the_tools_calls() -> None:
     """The schema, compiled by llguidance, accepts a call of a given tool with valid
     parameters and rejects another name, missing parameters and an empty array."""
-    tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(ByteVocab()), slices=[])
+    tok = byte_tokenizer()
 
     def accepts(schema: dict[str, Any], text: str) -> bool:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
@@ -132,18 +133,6 @@ def test_forced_schema_admits_exactly_the_tools_calls() -> None:
     assert not accepts(named, '[{"name": "get_time", "parameters": {}}, '
                               '{"name": "get_time", "parameters": {}}]')
     assert forced_calls_schema([WEATHER, TIME], None, single=True)["maxItems"] == 1
-
-
-class ByteVocab:
-    """A vocabulary of single bytes (token id = byte) plus an end token."""
-
-    eos_token_id = 256
-    bos_token_id = None
-    tokens = [bytes([b]) for b in range(256)] + [b""]
-    special_token_ids = [256]
-
-    def __call__(self, text: bytes) -> list[int]:
-        return list(text)
 
 
 @pytest.mark.parametrize("tools,choice,message", [

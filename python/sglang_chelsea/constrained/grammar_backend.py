@@ -57,6 +57,15 @@ class _ByteVocabulary:
 _byte_tokenizer: Optional[llguidance.LLTokenizer] = None
 
 
+def byte_tokenizer() -> llguidance.LLTokenizer:
+    """llguidance's tokenizer over single bytes (token id = byte, 256 = end), built once."""
+    global _byte_tokenizer
+    if _byte_tokenizer is None:
+        _byte_tokenizer = llguidance.LLTokenizer(
+            llguidance.TokenizerWrapper(_ByteVocabulary()), slices=[])
+    return _byte_tokenizer
+
+
 def _dry_run(spec: GrammarSpec, grammar: str) -> None:
     """Follow ``grammar`` for one byte; ValueError if llguidance hits a limit doing so.
 
@@ -64,11 +73,7 @@ def _dry_run(spec: GrammarSpec, grammar: str) -> None:
     like ``a{1000000}``: "too many expressions constructed"); this finds them before the
     request is queued instead of aborting it after one token.
     """
-    global _byte_tokenizer
-    if _byte_tokenizer is None:
-        _byte_tokenizer = llguidance.LLTokenizer(
-            llguidance.TokenizerWrapper(_ByteVocabulary()), slices=[])
-    matcher = llguidance.LLMatcher(_byte_tokenizer, grammar, log_level=0)
+    matcher = llguidance.LLMatcher(byte_tokenizer(), grammar, log_level=0)
     if not matcher.is_error():
         words = memoryview(matcher.compute_bitmask()).cast("I")
         allowed = next((t for t in range(256) if words[t // 32] >> (t % 32) & 1), None)

@@ -43,7 +43,7 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
     """The FastAPI app serving ``tm`` (add the API key check when ``server_args.api_key``)."""
     app = FastAPI(title="sglang-chelsea", docs_url=None, redoc_url=None, openapi_url=None)
     openai = OpenAIServing(tm, load_chat_template(server_args.chat_template, tm.tokenizer),
-                           server_args.tool_call_parser)
+                           server_args.tool_call_parser, server_args.reasoning_parser)
     if server_args.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=server_args.api_key)
 

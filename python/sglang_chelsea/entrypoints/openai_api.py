@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from sglang_chelsea.entrypoints.chat_output import ChatOutputStream, split_chat_output
 from sglang_chelsea.entrypoints.chat_template import apply_chat_template
 from sglang_chelsea.entrypoints.http_errors import (
     error_body,
@@ -26,15 +27,14 @@ from sglang_chelsea.entrypoints.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
+from sglang_chelsea.entrypoints.reasoning import check_reasoning_parser
 from sglang_chelsea.entrypoints.sse import SSE_DONE, sse_data, sse_response
 from sglang_chelsea.entrypoints.tool_calls import (
     ToolCall,
     ToolCallParser,
-    ToolCallStream,
     check_tools,
     forced_calls_schema,
     make_parser,
-    split_tool_calls,
     template_messages,
 )
 from sglang_chelsea.managers.generate_request import GenerateReqInput
@@ -96,10 +96,13 @@ class OpenAIServing:
     """Serves the OpenAI endpoints on top of a TokenizerManager."""
 
     def __init__(self, tokenizer_manager: TokenizerManager, chat_template: str | None,
-                 tool_call_parser: str | None = None) -> None:
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None
+                 ) -> None:
         self.tm = tokenizer_manager
         self.chat_template = chat_template
         self.tool_call_parser = make_parser(tool_call_parser)
+        check_reasoning_parser(reasoning_parser)
+        self.reasoning_parser = reasoning_parser
 
     # ------------------------------------------------------------------ models
     def list_models(self) -> dict[str, Any]:
@@ -280,6 +283,9 @@ class OpenAIServing:
         try:
             params = req.sampling_params(max_tokens)
             tools, parser, forced = self._tool_mode(req, params)
+            # A forced tool choice constrains the output to JSON from its first token.
+            reasoning_parser = self.reasoning_parser \
+                if req.separate_reasoning and not forced else None
             obj = GenerateReqInput(
                 input_ids=self._chat_prompt_ids(req, tools),
                 sampling_params=params, rid=req.rid,
@@ -309,12 +315,13 @@ class OpenAIServing:
             choices = []
             for index, out in enumerate(outs):
                 reason = out["meta_info"]["finish_reason"]
-                content, calls = split_tool_calls(out["text"], parser, forced)
+                reasoning, content, calls = split_chat_output(out["text"], reasoning_parser,
+                                                              parser, forced)
                 choices.append({
                     "index": index,
                     "message": {"role": "assistant",
                                 "content": (content or None) if calls else content,
-                                "reasoning_content": None,
+                                "reasoning_content": reasoning,
                                 "tool_calls": [c.to_openai() for c in calls] or None},
                     "logprobs": logprobs_of(out["meta_info"]),
                     "finish_reason": finish_of(reason, calls),
@@ -332,30 +339,33 @@ class OpenAIServing:
 
         async def stream(gen: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
             metas: dict[int, dict[str, Any]] = {}
-            splitters: dict[int, ToolCallStream] = {}
+            splitters: dict[int, ChatOutputStream] = {}
             try:
                 yield chunk(0, {"role": "assistant", "content": ""})
                 async for index, delta, out in self._events(gen):
                     if index not in splitters:
-                        splitters[index] = ToolCallStream(parser, forced)
+                        splitters[index] = ChatOutputStream(reasoning_parser, parser, forced)
                         if index:  # each choice opens with its role, as choice 0 did
                             yield chunk(index, {"role": "assistant", "content": ""})
                     meta = metas[index] = out["meta_info"]
                     reason = meta["finish_reason"]
                     logprobs = logprobs_of(meta)
-                    delta = splitters[index].feed(delta)
+                    reasoning, delta = splitters[index].feed(delta)
                     calls: list[ToolCall] = []
                     if reason is not None:
-                        rest, calls = splitters[index].finish()
-                        delta += rest
+                        more_reasoning, rest, calls = splitters[index].finish()
+                        reasoning, delta = reasoning + more_reasoning, delta + rest
+                    message: dict[str, Any] = {"reasoning_content": reasoning} if reasoning else {}
+                    if delta:
+                        message["content"] = delta
                     if calls:
-                        if delta or (logprobs and logprobs["content"]):
-                            yield chunk(index, {"content": delta} if delta else {}, logprobs)
+                        if message or (logprobs and logprobs["content"]):
+                            yield chunk(index, message, logprobs)
                         yield chunk(index, {"tool_calls": [c.to_openai(i)
                                                            for i, c in enumerate(calls)]},
                                     None, reason, finish_of(reason, calls))
-                    elif delta or reason is not None or (logprobs and logprobs["content"]):
-                        yield chunk(index, {"content": delta} if delta else {}, logprobs, reason)
+                    elif message or reason is not None or (logprobs and logprobs["content"]):
+                        yield chunk(index, message, logprobs, reason)
                 if req.include_usage and metas:
                     yield sse_data({"id": cid, "object": "chat.completion.chunk",
                                     "created": created, "model": model, "choices": [],

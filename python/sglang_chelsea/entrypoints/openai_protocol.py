@@ -171,5 +171,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
+    separate_reasoning: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None

@@ -79,6 +79,15 @@ def _calls_of(values: Optional[list[Any]]) -> list[ToolCall]:
     return [c for c in calls if c is not None] if flat and None not in calls else []
 
 
+def partial_marker(text: str, marker: str) -> int:
+    """The length of the longest end of ``text`` that is a proper beginning of ``marker``
+    (text a stream must hold back until the next piece decides it)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
 class ToolCallParser:
     """Finds a model's tool calls in its output text.
 
@@ -99,12 +108,7 @@ class ToolCallParser:
     def undecided(self, text: str) -> int:
         """How many characters at the end of ``text`` may still become a marker (to hold
         back from a stream)."""
-        held = 0
-        for marker in self.markers:
-            for n in range(min(len(marker) - 1, len(text)), held, -1):
-                if marker.startswith(text[-n:]):
-                    held = n
-                    break
+        held = max((partial_marker(text, m) for m in self.markers), default=0)
         if not text.strip() and self.leading:
             held = len(text)  # only whitespace so far: a leading call may still follow
         return held
