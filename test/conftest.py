@@ -33,3 +33,9 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random Qwen2ForCausalLM checkpoint (q/k/v biases, tied embeddings)."""
     return make_tiny_hf_model(str(tmp_path_factory.mktemp("tiny_qwen2")), arch="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Qwen3ForCausalLM checkpoint (q/k norms, head_dim 32 != hidden / heads)."""
+    return make_tiny_hf_model(str(tmp_path_factory.mktemp("tiny_qwen3")), arch="qwen3")

@@ -1,6 +1,6 @@
 """Our model runner against Hugging Face transformers on the same weights, in float32.
 
-For the default SmolLM2-135M GGUF and the tiny random Llama / Qwen2 checkpoints:
+For the default SmolLM2-135M GGUF and the tiny random Llama / Qwen2 / Qwen3 checkpoints:
 - full-prefill logits (every position, through ``ModelRunner.forward``) match HF's;
 - a 32-token greedy generation through the Engine (prefill then decode steps) gives
   HF ``generate(do_sample=False)``'s tokens, and each decode step's logprobs (the chosen
@@ -47,7 +47,8 @@ class Pair:
     prompt_ids: list[int]
 
 
-@pytest.fixture(scope="module", params=["smollm2_gguf", "tiny_llama", "tiny_qwen2"])
+@pytest.fixture(scope="module", params=["smollm2_gguf", "tiny_llama", "tiny_qwen2",
+                                        "tiny_qwen3"])
 def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     name: str = request.param
     if name == "smollm2_gguf":

@@ -1,7 +1,7 @@
 """Write a tiny Hugging Face checkpoint as an F32 GGUF file, the way llama.cpp converts it.
 
 Used to test the GGUF loader on architectures and layouts the default model does not
-cover (Qwen2 with q/k/v biases, untied lm_head). Tokenizer metadata is left out: load
+cover (Qwen2 with q/k/v biases, Qwen3 with q/k norms, untied lm_head). Tokenizer metadata is left out: load
 such a file with ``tokenizer_path`` pointing at the HF directory.
 """
 
@@ -26,6 +26,8 @@ _BLOCK = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
@@ -62,6 +64,9 @@ def write_tiny_gguf(hf_dir: str, out_path: str) -> str:
     writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_vocab_size(cfg["vocab_size"])
+    if cfg.get("head_dim"):
+        writer.add_key_length(cfg["head_dim"])
+        writer.add_value_length(cfg["head_dim"])
     writer.add_bos_token_id(cfg["bos_token_id"])
     writer.add_eos_token_id(cfg["eos_token_id"])
     heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}

@@ -1,4 +1,4 @@
-"""Tiny random-weight Hugging Face checkpoints (Llama, Qwen2) with the SmolLM2 tokenizer.
+"""Tiny random-weight Hugging Face checkpoints (Llama, Qwen2, Qwen3) with the SmolLM2 tokenizer.
 
 They load in well under a second, so loader and model tests can compare the runtime's
 outputs against ``transformers`` exactly. Norm weights and biases are randomised too
@@ -11,18 +11,28 @@ import os
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from sglang_chelsea.model_loader import default_model_path, load_tokenizer
 
 _ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
 }
 # Llama is untied and Qwen2 tied by default, so both lm_head paths are exercised.
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"tie_word_embeddings": False},
     "qwen2": {"tie_word_embeddings": True},
+    # q/k norms, and a head_dim that is not hidden_size / heads (16), as in Qwen3 checkpoints
+    "qwen3": {"tie_word_embeddings": True, "head_dim": 32},
 }
 _COMMON: dict[str, Any] = {
     "vocab_size": 49152,  # the SmolLM2 tokenizer's

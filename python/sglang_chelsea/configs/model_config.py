@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass
 class ModelConfig:
-    """Decoder-only transformer hyper-parameters (Llama family and Qwen2).
+    """Decoder-only transformer hyper-parameters (Llama family, Qwen2 and Qwen3).
 
     Weights loaded for a ModelConfig always use Hugging Face parameter names
     (``model.layers.0.self_attn.q_proj.weight``...), whatever the file format.
@@ -30,6 +30,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: q/k/v projections carry a bias
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm of q and k before the rotary embedding
     bos_token_id: Optional[int] = None
     eos_token_ids: list[int] = field(default_factory=list)
     # the transformers PretrainedConfig, when available (left out of repr and ==)

@@ -21,7 +21,7 @@ from sglang_chelsea.configs.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -35,6 +35,8 @@ _BLOCK_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
@@ -140,6 +142,7 @@ def gguf_model_config(reader: gguf.GGUFReader) -> ModelConfig:
         max_position_embeddings=int(need("context_length")),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_ids=_eos_token_ids(reader),
     )

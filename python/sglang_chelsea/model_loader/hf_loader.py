@@ -20,6 +20,7 @@ HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -95,6 +96,7 @@ def hf_model_config(model_dir: str) -> ModelConfig:
         max_position_embeddings=hf_config.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         attention_bias=arch == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+        qk_norm=arch == "qwen3",
         bos_token_id=int(bos) if bos is not None else None,
         eos_token_ids=_eos_token_ids(model_dir, hf_config),
         hf_config=hf_config,

@@ -108,6 +108,8 @@ def expected_weight_names(config: ModelConfig) -> list[str]:
         projections.append(f"self_attn.{p}_proj.weight")
         if config.attention_bias:
             projections.append(f"self_attn.{p}_proj.bias")
+    if config.qk_norm:
+        projections += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
     for i in range(config.num_hidden_layers):
         names.extend(f"model.layers.{i}.{p}" for p in projections)
     return names

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, SmolLM2) and Qwen2 (Llama + q/k/v bias).
+"""Llama-family decoder (Llama 2/3, Mistral, SmolLM2), Qwen2 (Llama + q/k/v bias) and Qwen3
+(Llama + a per-head RMSNorm of q and k before the rotary embedding).
 
 Weights arrive with Hugging Face names; q/k/v and gate/up are fused at load time. With
 tensor parallelism each rank holds a contiguous range of KV heads (with their query heads)
@@ -45,6 +46,10 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, [q_shard, kv_shard, kv_shard],
                                              bias=config.attention_bias)
         self.o_proj = RowParallelLinear(q_shard, config.hidden_size)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
 
     def forward(self, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -53,6 +58,8 @@ class LlamaAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         assert forward_batch.rope_cache is not None
         cos, sin = forward_batch.rope_cache
         q = apply_rotary(q, cos, sin)
@@ -134,6 +141,9 @@ class LlamaForCausalLM(nn.Module):
                 weights[mlp + "down_proj.weight"])
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 fused[f"layers.{i}.{norm}.weight"] = weights[p + norm + ".weight"]
+            if self.config.qk_norm:
+                for norm in ("q_norm", "k_norm"):
+                    fused[f"layers.{i}.self_attn.{norm}.weight"] = weights[attn + norm + ".weight"]
         fused["embed_tokens.weight"] = weights["model.embed_tokens.weight"]
         fused["norm.weight"] = weights["model.norm.weight"]
         tied = self.config.tie_word_embeddings or "lm_head.weight" not in weights
@@ -155,4 +165,5 @@ class LlamaForCausalLM(nn.Module):
         self.requires_grad_(False)
 
 
-ARCHITECTURES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
+ARCHITECTURES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM,
+                 "qwen3": LlamaForCausalLM}
