@@ -43,6 +43,10 @@ def allowed_texts(backend: GrammarBackend, tokenizer: Any, matcher: Any) -> set[
     ({"json_schema": "[1, 2]"}, "json_schema must be a JSON object"),
     ({"json_schema": {"$ref": "#/defs/missing"}}, "invalid json_schema"),
     ({"ebnf": 'root ::= "a'}, "invalid ebnf"),
+    ({"ebnf": "root ::= x"}, "invalid ebnf.*'x'"),  # the converter raises bare Exceptions
+    ({"ebnf": 'foo ::= "a"'}, "invalid ebnf.*root"),
+    ({"ebnf": "root ::= " + "(" * 3000 + '"a"' + ")" * 3000}, "invalid ebnf"),
+    ({"json_schema": "[" * 5000}, "json_schema is nested too deeply"),
     # valid, but llguidance's lexer runs out of expressions at the first byte
     ({"regex": "a{1000000}"}, "invalid regex: too complex to follow.*too many expressions"),
 ])

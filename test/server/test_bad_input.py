@@ -30,6 +30,9 @@ GOOD = {"text": "Hello", "sampling_params": {"max_new_tokens": 2}}
     ({"text": "hi", "sampling_params": {"n": 0}}, "n must be in"),
     ({"text": "hi", "sampling_params": {"n": 129}}, "n must be in"),
     ({"text": ["a", "b"], "sampling_params": [{"n": 2}, {"n": 3}]}, "n must be the same"),
+    # each sample alone is within the top-logprob budget, all 128 together are not
+    ({"text": "hi", "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 40000,
+      "sampling_params": {"n": 128, "max_new_tokens": 8}}, "samples"),
     ({"text": "hi", "sampling_params": {"stop_token_ids": [10 ** 9]}}, "stop_token_ids"),
     ({"text": "hi", "sampling_params": {"not_a_param": 1}}, "not_a_param"),
     ({"text": "hi", "sampling_params": []}, "sampling_params"),

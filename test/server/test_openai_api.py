@@ -165,6 +165,8 @@ def test_n_choices_stream_and_not(client: openai.OpenAI) -> None:
     assert [streamed[i] for i in range(3)] == texts
     assert [finished[i] for i in range(3)] == [c.finish_reason for c in full.choices]
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    one = client.chat.completions.create(**{**body, "n": 1})
+    assert full.usage.prompt_tokens == chunks[-1].usage.prompt_tokens == one.usage.prompt_tokens
 
     out = client.completions.create(model="m", prompt=["The sky is", "Two plus two is"], n=2,
                                     max_tokens=4, temperature=0)
@@ -173,3 +175,9 @@ def test_n_choices_stream_and_not(client: openai.OpenAI) -> None:
     assert out.choices[2].text == out.choices[3].text
     one = client.completions.create(model="m", prompt="The sky is", max_tokens=4, temperature=0)
     assert out.choices[0].text == one.choices[0].text
+    two = client.completions.create(model="m", prompt="Two plus two is", max_tokens=4,
+                                    temperature=0)
+    # each prompt counts once in usage, as OpenAI counts it; each choice's tokens count
+    assert out.usage.prompt_tokens == one.usage.prompt_tokens + two.usage.prompt_tokens
+    assert out.usage.completion_tokens == 2 * (one.usage.completion_tokens
+                                               + two.usage.completion_tokens)

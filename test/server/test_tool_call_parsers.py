@@ -12,6 +12,7 @@ import pytest
 from sglang_chelsea.constrained.grammar_backend import byte_tokenizer
 from sglang_chelsea.entrypoints.tool_calls import (
     ToolCallStream,
+    ToolMode,
     check_tools,
     forced_calls_schema,
     make_parser,
@@ -70,11 +71,18 @@ def test_unknown_parser_is_an_error() -> None:
     assert make_parser(None) is None
 
 
+NAMES = frozenset({"get_weather", "get_time"})
+
+
+def mode(parser: str | None, forced: bool = False) -> ToolMode:
+    return ToolMode(make_parser(parser) if parser else None, forced, NAMES)
+
+
 def stream_pieces(text: str, parser: str | None, forced: bool = False, step: int = 1
                   ) -> tuple[str, str, list[Any]]:
     """Feed ``text`` ``step`` characters at a time: (content sent while streaming, content
     sent at the end, calls)."""
-    splitter = ToolCallStream(make_parser(parser) if parser else None, forced)
+    splitter = ToolCallStream(mode(parser, forced))
     sent = "".join(splitter.feed(text[i:i + step]) for i in range(0, len(text), step))
     rest, calls = splitter.finish()
     return sent, rest, [(c.name, json.loads(c.arguments)) for c in calls]
@@ -86,11 +94,11 @@ def test_stream_sends_the_content_and_keeps_the_calls() -> None:
         assert stream_pieces("Checking <now>. " + call, "qwen25", step=step) == \
             ("Checking <now>. ", "", [("get_time", {})])
     # A marker's beginning is held back until it is decided; text without calls all arrives.
-    splitter = ToolCallStream(make_parser("qwen25"), False)
+    splitter = ToolCallStream(mode("qwen25"))
     assert splitter.feed("a <tool") == "a "
     assert splitter.feed("s>") == "<tools>"
     assert stream_pieces("x <tool_call>{bad json", "qwen25") == ("x ", "<tool_call>{bad json", [])
-    splitter = ToolCallStream(make_parser("llama3"), False)
+    splitter = ToolCallStream(mode("llama3"))
     assert splitter.feed("  ") == ""  # a leading call may still follow the whitespace
     assert splitter.feed("hi {") == "  hi {"
     assert stream_pieces(' {"name": "get_time", "parameters": {}}', "llama3", step=2) == \
@@ -102,9 +110,30 @@ def test_stream_sends_the_content_and_keeps_the_calls() -> None:
         ("", '[{"name": "get_ti', [])  # cut short (length): the text is the content
 
 
+def test_calls_of_unknown_functions_are_dropped() -> None:
+    """As SGLang does: a call of a function not in the request's tools is not returned; with
+    no known call left the output is text."""
+    text = ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+            '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>')
+    assert [c.name for c in split_tool_calls(text, mode("qwen25"))[1]] == ["get_time"]
+    only_unknown = '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'
+    assert split_tool_calls(only_unknown, mode("qwen25")) == (only_unknown, [])
+    assert stream_pieces("a " + only_unknown, "qwen25", step=4) == ("a ", only_unknown, [])
+
+
+def test_too_deep_json_is_not_a_call() -> None:
+    """JSON nested past the recursion limit is text, not an exception (it was a 500)."""
+    deep = "<tool_call>" + "[" * 5000
+    assert split_tool_calls(deep, mode("qwen25")) == (deep, [])
+    assert split_tool_calls("[" * 5000, mode(None, True)) == ("[" * 5000, [])
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[" * 5000}}
+    assert template_messages([{"role": "assistant", "tool_calls": [call]}])[0]["tool_calls"] == \
+        [call]
+
+
 def test_split_of_a_forced_output() -> None:
     content, calls = split_tool_calls('[{"name": "get_weather", "parameters": {"city": "Nice"}},'
-                                      ' {"name": "get_time", "parameters": {}}]', None, True)
+                                      ' {"name": "get_time", "parameters": {}}]', mode(None, True))
     assert content == "" and [c.name for c in calls] == ["get_weather", "get_time"]
     assert calls[0].to_openai(0)["index"] == 0 and calls[0].to_openai()["type"] == "function"
     assert json.loads(calls[0].to_openai()["function"]["arguments"]) == {"city": "Nice"}
@@ -133,12 +162,27 @@ def test_forced_schema_admits_exactly_the_tools_calls() -> None:
     assert not accepts(named, '[{"name": "get_time", "parameters": {}}, '
                               '{"name": "get_time", "parameters": {}}]')
     assert forced_calls_schema([WEATHER, TIME], None, single=True)["maxItems"] == 1
+    # $defs move to the root, where the parameters' local $refs point
+    unit = {"type": "function", "function": {"name": "get_temp", "parameters": {
+        "type": "object", "$defs": {"U": {"type": "string", "enum": ["C", "F"]}},
+        "properties": {"unit": {"$ref": "#/$defs/U"}}, "required": ["unit"]}}}
+    with_defs = forced_calls_schema([WEATHER, unit], "get_temp")
+    assert with_defs["$defs"] == {"U": {"type": "string", "enum": ["C", "F"]}}
+    assert accepts(with_defs, '[{"name": "get_temp", "parameters": {"unit": "F"}}]')
+    assert not accepts(with_defs, '[{"name": "get_temp", "parameters": {"unit": "K"}}]')
+    other = {"type": "function", "function": {"name": "get_x", "parameters": {
+        "type": "object", "$defs": {"U": {"type": "integer"}}, "properties": {}}}}
+    with pytest.raises(ValueError, match="define \\$defs/U differently"):
+        forced_calls_schema([unit, other], None)
 
 
 @pytest.mark.parametrize("tools,choice,message", [
     ([{"type": "function"}], "auto", r"tools\[0\] must be"),
     ([{"type": "retrieval", "function": {"name": "x"}}], "auto", r"tools\[0\] must be"),
     ([{"function": {"name": "x", "parameters": [1]}}], "auto", "parameters must be a JSON"),
+    ([{"function": {"name": "x", "parameters": {"type": "string"}}}], "auto",
+     "parameters must be a JSON schema of an object"),
+    ([WEATHER], {"type": "retrieval", "function": {"name": "get_weather"}}, "tool_choice must be"),
     ([], "required", "needs tools"),
     ([WEATHER], "any", "tool_choice must be"),
     ([WEATHER], {"type": "function", "function": {"name": "get_time"}}, "not in tools"),

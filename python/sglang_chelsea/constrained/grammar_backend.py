@@ -96,7 +96,10 @@ def validate_grammar(params: SamplingParams) -> None:
 
 
 def _validate(spec: GrammarSpec) -> bool:
-    _dry_run(spec, _check(spec, None))
+    try:
+        _dry_run(spec, _check(spec, None))
+    except RecursionError:
+        raise ValueError(f"invalid {spec.kind}: nested too deeply") from None
     return True
 
 

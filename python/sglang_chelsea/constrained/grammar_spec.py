@@ -48,6 +48,8 @@ def to_llguidance(spec: GrammarSpec) -> str:
             schema = json.loads(spec.text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"json_schema is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ValueError("json_schema is nested too deeply") from None
         if not isinstance(schema, (dict, bool)):
             raise ValueError("json_schema must be a JSON object")
         # Compact JSON (no free whitespace): a small model left free to add whitespace may
@@ -59,6 +61,10 @@ def to_llguidance(spec: GrammarSpec) -> str:
         try:
             lark = gbnf_to_lark(spec.text)
         except GbnfToLarkError as exc:
+            raise ValueError(f"invalid ebnf: {exc}") from None
+        except RecursionError:
+            raise ValueError("invalid ebnf: nested too deeply") from None
+        except Exception as exc:  # the converter raises bare Exceptions (an undefined rule...)
             raise ValueError(f"invalid ebnf: {exc}") from None
         return llguidance.LLMatcher.grammar_from_lark(lark)
     raise ValueError(f"unknown grammar kind {spec.kind!r}")

@@ -8,28 +8,26 @@ from typing import Optional
 from sglang_chelsea.entrypoints.reasoning import ReasoningStream, split_reasoning
 from sglang_chelsea.entrypoints.tool_calls import (
     ToolCall,
-    ToolCallParser,
     ToolCallStream,
+    ToolMode,
     split_tool_calls,
 )
 
 
-def split_chat_output(text: str, reasoning_parser: Optional[str],
-                      tool_parser: Optional[ToolCallParser], forced: bool
+def split_chat_output(text: str, reasoning_parser: Optional[str], tools: ToolMode
                       ) -> tuple[Optional[str], str, list[ToolCall]]:
     """``(reasoning_content or None, content, tool calls)`` of a whole output."""
     reasoning, rest = split_reasoning(text, reasoning_parser)
-    content, calls = split_tool_calls(rest, tool_parser, forced)
+    content, calls = split_tool_calls(rest, tools)
     return reasoning, content, calls
 
 
 class ChatOutputStream:
     """The streamed counterpart of :func:`split_chat_output` for one choice."""
 
-    def __init__(self, reasoning_parser: Optional[str], tool_parser: Optional[ToolCallParser],
-                 forced: bool) -> None:
+    def __init__(self, reasoning_parser: Optional[str], tools: ToolMode) -> None:
         self.reasoning = ReasoningStream(reasoning_parser)
-        self.tools = ToolCallStream(tool_parser, forced)
+        self.tools = ToolCallStream(tools)
 
     def feed(self, delta: str) -> tuple[str, str]:
         """``(reasoning, content)`` that can be sent now."""

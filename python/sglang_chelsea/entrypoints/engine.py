@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Union
 
-from sglang_chelsea.managers.generate_request import GenerateReqInput
+from sglang_chelsea.managers.generate_request import GenerateReqInput, validate_request_budget
 from sglang_chelsea.managers.req_state import ReqState
 from sglang_chelsea.managers.scheduler import Scheduler
 from sglang_chelsea.server_args import ServerArgs
@@ -52,6 +52,7 @@ class Engine:
             reqs.append(tokenized)
             states.append(ReqState(item.rid, item.sampling_params, item.return_logprob,
                                    tokenized.top_logprobs_num, item.return_text_in_logprobs))
+        validate_request_budget(reqs, self.scheduler.context_len)
         by_rid = {s.rid: s for s in states}
         for tokenized in reqs:
             self.scheduler.add_request(tokenized)

@@ -31,7 +31,7 @@ from sglang_chelsea.entrypoints.reasoning import check_reasoning_parser
 from sglang_chelsea.entrypoints.sse import SSE_DONE, sse_data, sse_response
 from sglang_chelsea.entrypoints.tool_calls import (
     ToolCall,
-    ToolCallParser,
+    ToolMode,
     check_tools,
     forced_calls_schema,
     make_parser,
@@ -56,12 +56,15 @@ def matched_stop(reason: dict[str, Any] | None) -> Any:
     return None if reason is None else reason.get("matched")
 
 
-def usage_of(metas: list[dict[str, Any]]) -> dict[str, Any]:
-    prompt = sum(m["prompt_tokens"] for m in metas)
+def usage_of(metas: list[dict[str, Any]], n: int = 1) -> dict[str, Any]:
+    """OpenAI ``usage`` of the choices' meta_info in index order: with ``n`` choices per
+    prompt, each prompt (and its cached part) counts once, as OpenAI and SGLang count."""
+    prompt = sum(m["prompt_tokens"] for m in metas[::n])
     completion = sum(m["completion_tokens"] for m in metas)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(m["cached_tokens"] for m in metas)}}
+            "prompt_tokens_details": {"cached_tokens": sum(m["cached_tokens"]
+                                                           for m in metas[::n])}}
 
 
 def completion_logprobs(entries: list[LogprobEntry], tops: list[Any] | None,
@@ -206,7 +209,8 @@ class OpenAIServing:
                                 "finish_reason": finish_reason_str(reason),
                                 "matched_stop": matched_stop(reason)})
             return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                    "choices": choices, "usage": usage_of([o["meta_info"] for o in outs])}
+                    "choices": choices,
+                    "usage": usage_of([o["meta_info"] for o in outs], obj.parallel_sample_num)}
 
         async def stream(gen: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
             metas: dict[int, dict[str, Any]] = {}
@@ -235,7 +239,8 @@ class OpenAIServing:
                 if req.include_usage:
                     yield sse_data({"id": cid, "object": "text_completion", "created": created,
                                     "model": model, "choices": [],
-                                    "usage": usage_of(list(metas.values()))})
+                                    "usage": usage_of([metas[i] for i in sorted(metas)],
+                                                      obj.parallel_sample_num)})
             except ServerDeadError as exc:
                 yield sse_data(error_body(str(exc), 503))
             yield SSE_DONE
@@ -257,13 +262,13 @@ class OpenAIServing:
         return self.tm.tokenizer.encode(prompt, add_special_tokens=False)
 
     def _tool_mode(self, req: ChatCompletionRequest, params: dict[str, Any]
-                   ) -> tuple[list[dict[str, Any]] | None, ToolCallParser | None, bool]:
-        """``(tools for the template, parser, forced)`` of a request; a forced tool choice
+                   ) -> tuple[list[dict[str, Any]] | None, ToolMode]:
+        """``(tools for the template, tool mode)`` of a request; a forced tool choice
         (required or named) sets the JSON schema of its calls in ``params``."""
         tools = req.tools or []
         name = check_tools(tools, req.tool_choice)
         if not tools or req.tool_choice == "none":
-            return None, None, False
+            return None, ToolMode()
         forced = req.tool_choice == "required" or name is not None
         if forced:
             if any(k in params for k in ("regex", "json_schema", "ebnf")):
@@ -271,7 +276,8 @@ class OpenAIServing:
                                  "regex, json_schema, ebnf or response_format")
             params["json_schema"] = json.dumps(
                 forced_calls_schema(tools, name, single=not req.parallel_tool_calls))
-        return tools, self.tool_call_parser, forced
+        names = frozenset(t["function"]["name"] for t in tools)
+        return tools, ToolMode(self.tool_call_parser, forced, names)
 
     async def create_chat_completion(self, body: Any, raw_request: Request) -> Response:
         try:
@@ -282,10 +288,10 @@ class OpenAIServing:
             else req.max_tokens
         try:
             params = req.sampling_params(max_tokens)
-            tools, parser, forced = self._tool_mode(req, params)
+            tools, tool_mode = self._tool_mode(req, params)
             # A forced tool choice constrains the output to JSON from its first token.
             reasoning_parser = self.reasoning_parser \
-                if req.separate_reasoning and not forced else None
+                if req.separate_reasoning and not tool_mode.forced else None
             obj = GenerateReqInput(
                 input_ids=self._chat_prompt_ids(req, tools),
                 sampling_params=params, rid=req.rid,
@@ -316,7 +322,7 @@ class OpenAIServing:
             for index, out in enumerate(outs):
                 reason = out["meta_info"]["finish_reason"]
                 reasoning, content, calls = split_chat_output(out["text"], reasoning_parser,
-                                                              parser, forced)
+                                                              tool_mode)
                 choices.append({
                     "index": index,
                     "message": {"role": "assistant",
@@ -327,7 +333,8 @@ class OpenAIServing:
                     "finish_reason": finish_of(reason, calls),
                     "matched_stop": matched_stop(reason)})
             return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": choices, "usage": usage_of([o["meta_info"] for o in outs])}
+                    "choices": choices,
+                    "usage": usage_of([o["meta_info"] for o in outs], obj.parallel_sample_num)}
 
         def chunk(index: int, delta: dict[str, Any], logprobs: Any = None, reason: Any = None,
                   finish: str | None = None) -> str:
@@ -344,7 +351,7 @@ class OpenAIServing:
                 yield chunk(0, {"role": "assistant", "content": ""})
                 async for index, delta, out in self._events(gen):
                     if index not in splitters:
-                        splitters[index] = ChatOutputStream(reasoning_parser, parser, forced)
+                        splitters[index] = ChatOutputStream(reasoning_parser, tool_mode)
                         if index:  # each choice opens with its role, as choice 0 did
                             yield chunk(index, {"role": "assistant", "content": ""})
                     meta = metas[index] = out["meta_info"]
@@ -369,7 +376,8 @@ class OpenAIServing:
                 if req.include_usage and metas:
                     yield sse_data({"id": cid, "object": "chat.completion.chunk",
                                     "created": created, "model": model, "choices": [],
-                                    "usage": usage_of(list(metas.values()))})
+                                    "usage": usage_of([metas[i] for i in sorted(metas)],
+                                                      obj.parallel_sample_num)})
             except ServerDeadError as exc:
                 yield sse_data(error_body(str(exc), 503))
             yield SSE_DONE

@@ -47,7 +47,7 @@ def _call_of(obj: Any) -> Optional[ToolCall]:
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
             args = json.loads(args)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return None
     if not isinstance(args, dict):
         return None
@@ -65,7 +65,7 @@ def _json_values(text: str, separators: str = "") -> Optional[list[Any]]:
             return values
         try:
             value, i = _DECODER.raw_decode(text, i)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # not JSON, or nested too deeply
             return None
         values.append(value)
 
@@ -189,15 +189,19 @@ def check_tools(tools: list[dict[str, Any]], tool_choice: Any) -> Optional[str]:
                 or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise ValueError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": "
                              "{\"name\": ..., \"parameters\": {...}}}")
-        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+        params = fn.get("parameters")
+        if params is not None and (not isinstance(params, dict)
+                                   or params.get("type", "object") != "object"):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema of an "
+                             "object (the call's named arguments)")
         names.append(fn["name"])
     if tool_choice in (None, "none", "auto", "required"):
         if tool_choice == "required" and not tools:
             raise ValueError('tool_choice "required" needs tools')
         return None
     fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+            or tool_choice.get("type", "function") != "function":
         raise ValueError('tool_choice must be "none", "auto", "required" or '
                          '{"type": "function", "function": {"name": ...}}')
     if fn["name"] not in names:
@@ -206,10 +210,13 @@ def check_tools(tools: list[dict[str, Any]], tool_choice: Any) -> Optional[str]:
 
 
 def _tool_schema(fn: dict[str, Any]) -> dict[str, Any]:
+    """One call of ``fn``: its name and its parameters (without their ``$defs``, which
+    :func:`forced_calls_schema` lifts to the root, where their ``$ref``s point)."""
+    params = {k: v for k, v in (fn.get("parameters") or {"type": "object", "properties": {}}
+                                ).items() if k not in ("$defs", "definitions")}
     return {"type": "object",
             "properties": {"name": {"type": "string", "enum": [fn["name"]]},
-                           "parameters": fn.get("parameters") or {"type": "object",
-                                                                   "properties": {}}},
+                           "parameters": params},
             "required": ["name", "parameters"], "additionalProperties": False}
 
 
@@ -217,24 +224,50 @@ def forced_calls_schema(tools: list[dict[str, Any]], name: Optional[str], single
                         ) -> dict[str, Any]:
     """The JSON schema of the output under ``tool_choice`` "required" (``name`` None) or a
     named function: an array of one or more ``{"name", "parameters"}`` calls (one when
-    ``name`` is given or ``single``: ``parallel_tool_calls`` false)."""
+    ``name`` is given or ``single``: ``parallel_tool_calls`` false).
+
+    The tools' ``$defs`` (and ``definitions``) move to the root, so their local ``$ref``s
+    still resolve; two tools defining one name differently are a ValueError.
+    """
     fns = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     items = _tool_schema(fns[0]) if len(fns) == 1 else {"anyOf": [_tool_schema(f) for f in fns]}
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": items}
     if name is not None or single:
         schema["maxItems"] = 1
+    for key in ("$defs", "definitions"):
+        merged: dict[str, Any] = {}
+        for fn in fns:
+            for def_name, definition in ((fn.get("parameters") or {}).get(key) or {}).items():
+                if merged.setdefault(def_name, definition) != definition:
+                    raise ValueError(f"tools define {key}/{def_name} differently; "
+                                     "a forced tool choice needs one definition per name")
+        if merged:
+            schema[key] = merged
     return schema
 
 
-def split_tool_calls(text: str, parser: Optional[ToolCallParser], forced: bool
-                     ) -> tuple[str, list[ToolCall]]:
-    """``(content, calls)`` of a whole output: with ``forced`` (tool_choice required or
-    named) the output is the JSON array of calls; else ``parser`` finds the calls (none
-    without a parser). Without a well-formed call the content is the whole text."""
-    if forced:
-        calls = _calls_of(_json_values(text))
-        return ("", calls) if calls else (text, [])
-    return parser.parse(text) if parser is not None else (text, [])
+@dataclass(frozen=True)
+class ToolMode:
+    """How a request's output holds tool calls: ``forced`` (tool_choice required or named:
+    the output is the JSON array of calls), else found by ``parser`` (none without one).
+    Calls of functions not in ``names`` (the request's tools) are dropped, as SGLang does."""
+
+    parser: Optional[ToolCallParser] = None
+    forced: bool = False
+    names: frozenset[str] = frozenset()
+
+
+def split_tool_calls(text: str, mode: ToolMode) -> tuple[str, list[ToolCall]]:
+    """``(content, calls)`` of a whole output. Without a well-formed call of one of the
+    request's functions, the content is the whole text."""
+    if mode.forced:
+        content, calls = "", _calls_of(_json_values(text))
+    elif mode.parser is not None:
+        content, calls = mode.parser.parse(text)
+    else:
+        return text, []
+    calls = [c for c in calls if c.name in mode.names]
+    return (content, calls) if calls else (text, [])
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -255,7 +288,7 @@ def _with_object_arguments(call: Any) -> Any:
         return call
     try:
         arguments = json.loads(fn["arguments"])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return call
     return dict(call, function=dict(fn, arguments=arguments))
 
@@ -265,16 +298,16 @@ class ToolCallStream:
 
     Content flows until the calls begin (a marker's possible beginning is held back); from
     there the text is kept, and :meth:`finish` parses it: its calls, or, when it holds no
-    well-formed call, the kept text as content. With ``forced`` (``tool_choice`` required or
-    named) the whole output is kept.
+    well-formed call, the kept text as content. With a forced mode (``tool_choice`` required
+    or named) the whole output is kept.
     """
 
-    def __init__(self, parser: Optional[ToolCallParser], forced: bool) -> None:
-        self.parser = parser
-        self.forced = forced
+    def __init__(self, mode: ToolMode) -> None:
+        self.mode = mode
+        self.parser = mode.parser
         self.text = ""
         self.sent = 0
-        self.holding = forced
+        self.holding = mode.forced
 
     def feed(self, delta: str) -> str:
         """Add new output text; return the content that can be sent now."""
@@ -295,7 +328,7 @@ class ToolCallStream:
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """``(content not yet sent, calls)`` once the output is complete."""
-        content, calls = split_tool_calls(self.text, self.parser, self.forced)
+        content, calls = split_tool_calls(self.text, self.mode)
         if calls:
             return content[self.sent:], calls
         return self.text[self.sent:], []

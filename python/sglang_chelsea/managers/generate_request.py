@@ -260,13 +260,32 @@ def validate_tokenized_request(tokenized: TokenizedGenerateReqInput, vocab_size:
     if tokenized.top_logprobs_num < 0:
         raise ValueError("top_logprobs_num must be >= 0")
     if tokenized.top_logprobs_num:
-        prompt_positions = len(ids) - tokenized.logprob_start_len \
-            if tokenized.logprob_start_len >= 0 else 0
-        output_positions = min(tokenized.sampling_params.max_new_tokens, context_len - len(ids))
-        entries = tokenized.top_logprobs_num * (prompt_positions + max(output_positions, 0))
+        prompt_positions, output_positions = _logprob_positions(tokenized, context_len)
+        entries = tokenized.top_logprobs_num * (prompt_positions + output_positions)
         if entries > MAX_TOP_LOGPROB_ENTRIES:
             raise ValueError(
                 f"top_logprobs_num ({tokenized.top_logprobs_num}) times the positions with "
                 f"logprobs ({prompt_positions} of the prompt, up to {output_positions} output) "
                 f"is more than {MAX_TOP_LOGPROB_ENTRIES} entries: ask for fewer top logprobs, "
                 "a later logprob_start_len or fewer max_new_tokens")
+
+
+def _logprob_positions(tokenized: TokenizedGenerateReqInput, context_len: int
+                       ) -> tuple[int, int]:
+    """(prompt positions, most output positions) that get logprobs."""
+    ids = tokenized.input_ids
+    prompt = len(ids) - tokenized.logprob_start_len if tokenized.logprob_start_len >= 0 else 0
+    output = min(tokenized.sampling_params.max_new_tokens, context_len - len(ids))
+    return prompt, max(output, 0)
+
+
+def validate_request_budget(items: list[TokenizedGenerateReqInput], context_len: int) -> None:
+    """Raise ValueError when a whole request (every prompt and sample together) asks for more
+    than MAX_TOP_LOGPROB_ENTRIES top-logprob entries; each item alone is checked by
+    :func:`validate_tokenized_request`."""
+    total = sum(t.top_logprobs_num * sum(_logprob_positions(t, context_len))
+                for t in items if t.top_logprobs_num)
+    if total > MAX_TOP_LOGPROB_ENTRIES:
+        raise ValueError(f"the request's prompts and samples together ask for {total} "
+                         f"top-logprob entries, more than {MAX_TOP_LOGPROB_ENTRIES}: ask for "
+                         "fewer top logprobs, samples (n) or prompts")

@@ -22,6 +22,7 @@ import zmq.asyncio
 from sglang_chelsea.managers.generate_request import (
     GenerateReqInput,
     GenerateReqItem,
+    validate_request_budget,
     validate_tokenized_request,
 )
 from sglang_chelsea.managers.io_struct import (
@@ -157,6 +158,7 @@ class TokenizerManager:
             validate_tokenized_request(tokenized, self.vocab_size, self.max_req_input_len,
                                        self.context_len)
             prepared.append((item, tokenized))
+        validate_request_budget([t for _, t in prepared], self.context_len)
         return prepared
 
     async def generate_request(
