@@ -91,16 +91,20 @@ def stream_pieces(text: str, parser: str | None, forced: bool = False, step: int
 def test_stream_sends_the_content_and_keeps_the_calls() -> None:
     call = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
     for step in (1, 3, 100):
+        # the content equals the non-streamed one: the space before the call is not sent
         assert stream_pieces("Checking <now>. " + call, "qwen25", step=step) == \
-            ("Checking <now>. ", "", [("get_time", {})])
+            ("Checking <now>.", "", [("get_time", {})])
+        assert split_tool_calls("Checking <now>. " + call, mode("qwen25"))[0] == "Checking <now>."
+        assert stream_pieces("a  b \n", "qwen25", step=step) == ("a  b", " \n", [])
     # A marker's beginning is held back until it is decided; text without calls all arrives.
     splitter = ToolCallStream(mode("qwen25"))
-    assert splitter.feed("a <tool") == "a "
-    assert splitter.feed("s>") == "<tools>"
-    assert stream_pieces("x <tool_call>{bad json", "qwen25") == ("x ", "<tool_call>{bad json", [])
+    assert splitter.feed("a <tool") == "a"
+    assert splitter.feed("s>") == " <tools>"
+    assert stream_pieces("x <tool_call>{bad json", "qwen25") == ("x", " <tool_call>{bad json", [])
     splitter = ToolCallStream(mode("llama3"))
     assert splitter.feed("  ") == ""  # a leading call may still follow the whitespace
     assert splitter.feed("hi {") == "  hi {"
+    assert splitter.feed(" ") == "" and splitter.feed("x") == " x"
     assert stream_pieces(' {"name": "get_time", "parameters": {}}', "llama3", step=2) == \
         ("", "", [("get_time", {})])
     assert stream_pieces("plain", None) == ("plain", "", [])
@@ -118,7 +122,7 @@ def test_calls_of_unknown_functions_are_dropped() -> None:
     assert [c.name for c in split_tool_calls(text, mode("qwen25"))[1]] == ["get_time"]
     only_unknown = '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'
     assert split_tool_calls(only_unknown, mode("qwen25")) == (only_unknown, [])
-    assert stream_pieces("a " + only_unknown, "qwen25", step=4) == ("a ", only_unknown, [])
+    assert stream_pieces("a " + only_unknown, "qwen25", step=4) == ("a", " " + only_unknown, [])
 
 
 def test_too_deep_json_is_not_a_call() -> None:

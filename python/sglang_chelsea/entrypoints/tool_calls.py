@@ -323,7 +323,10 @@ class ToolCallStream:
             end = start
         else:
             end = len(self.text) - self.parser.undecided(self.text)
-        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        # Trailing whitespace waits too: before a call it is not content (as in
+        # split_tool_calls), before more text it is sent with that text.
+        end = max(self.sent, len(self.text[:end].rstrip()))
+        out, self.sent = self.text[self.sent:end], end
         return out
 
     def finish(self) -> tuple[str, list[ToolCall]]:
