@@ -73,3 +73,26 @@ def test_text_without_a_tokenizer_is_a_clear_error() -> None:
         GenerateReqInput(text="hello").to_items()[0].tokenize(None)
     item = GenerateReqInput(input_ids=[5, 6, 7]).to_items()[0]
     assert item.tokenize(None).input_ids == [5, 6, 7]
+
+
+def test_n_samples_expand_prompt_major_and_encode_each_text_once() -> None:
+    calls: list[str] = []
+
+    class CountingTok(_Tok):
+        def encode(self, text: str) -> list[int]:
+            calls.append(text)
+            return super().encode(text)
+
+    obj = GenerateReqInput.from_dict({"text": ["ab", "c"], "rid": ["x", "y"],
+                                      "sampling_params": {"n": 3, "seed": 5}})
+    assert not obj.returns_single and obj.parallel_sample_num == 3
+    items = obj.to_items()
+    assert [i.rid for i in items] == ["x_0", "x_1", "x_2", "y_0", "y_1", "y_2"]
+    assert [i.sampling_params.seed for i in items] == [5, 6, 7, 5, 6, 7]
+    assert all(i.sampling_params.n == 1 for i in items)
+    encoded: dict[str, list[int]] = {}
+    tokenized = [i.tokenize(CountingTok(), encoded) for i in items]
+    assert calls == ["ab", "c"]  # each distinct text once
+    assert [t.input_ids for t in tokenized] == [[97, 98]] * 3 + [[99]] * 3
+    tokenized[0].input_ids.append(0)  # each item has its own list
+    assert tokenized[1].input_ids == [97, 98]

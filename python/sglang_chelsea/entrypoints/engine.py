@@ -46,8 +46,9 @@ class Engine:
             top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs)
         obj.check()
         reqs, states = [], []
+        encoded: dict[str, list[int]] = {}
         for item in obj.to_items():
-            tokenized = item.tokenize(self.tokenizer)
+            tokenized = item.tokenize(self.tokenizer, encoded)
             self.scheduler.validate(tokenized)
             reqs.append(tokenized)
             states.append(ReqState(item.rid, item.sampling_params, item.return_logprob,

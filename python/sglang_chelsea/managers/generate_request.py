@@ -69,15 +69,24 @@ class GenerateReqItem:
     return_text_in_logprobs: bool = False
     stream: bool = False
 
-    def tokenize(self, tokenizer: Any) -> TokenizedGenerateReqInput:
+    def tokenize(self, tokenizer: Any, encoded: dict[str, list[int]] | None = None
+                 ) -> TokenizedGenerateReqInput:
         """Encode the text (when given) and fill SGLang's logprob defaults.
 
-        ``logprob_start_len = -1`` (the default) means output logprobs only, as in SGLang.
+        ``encoded`` (text -> ids), shared by one request's items, encodes each distinct text
+        once (a prompt's ``n`` samples). ``logprob_start_len = -1`` (the default) means
+        output logprobs only, as in SGLang.
         """
         if self.input_ids is None and tokenizer is None:
             raise ValueError("this server was started with --skip-tokenizer-init: send "
                              "input_ids, not text")
-        ids = list(self.input_ids) if self.input_ids is not None else tokenizer.encode(self.text)
+        if self.input_ids is not None:
+            ids = list(self.input_ids)
+        else:
+            encoded = {} if encoded is None else encoded
+            if self.text not in encoded:
+                encoded[self.text] = tokenizer.encode(self.text)
+            ids = list(encoded[self.text])
         self.sampling_params.normalize(tokenizer)
         start = self.logprob_start_len if self.return_logprob else -1
         return TokenizedGenerateReqInput(

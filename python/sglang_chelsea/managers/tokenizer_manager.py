@@ -151,10 +151,11 @@ class TokenizerManager:
         if self.dead_reason is not None:
             raise ServerDeadError(self.dead_reason)
         prepared = []
+        encoded: dict[str, list[int]] = {}
         for item in obj.to_items():
             if item.rid in self.rid_to_state:
                 raise ValueError(f"rid {item.rid!r} is already in use")
-            tokenized = item.tokenize(self.tokenizer)
+            tokenized = item.tokenize(self.tokenizer, encoded)
             validate_tokenized_request(tokenized, self.vocab_size, self.max_req_input_len,
                                        self.context_len)
             prepared.append((item, tokenized))
