@@ -98,18 +98,19 @@ class ToolCallParser:
     markers: tuple[str, ...] = ()
     leading: tuple[str, ...] = ()
 
-    def find_start(self, text: str) -> int:
-        """Where the calls begin in ``text``, or -1."""
-        found = [i for i in (text.find(m) for m in self.markers) if i >= 0]
-        if any(text.lstrip().startswith(m) for m in self.leading):
+    def find_start(self, text: str, since: int = 0) -> int:
+        """Where the calls begin in ``text``, or -1; none begins before ``since`` (a
+        stream's text already sent as content, where no marker started)."""
+        found = [i for i in (text.find(m, since) for m in self.markers) if i >= 0]
+        if since == 0 and any(text.lstrip().startswith(m) for m in self.leading):
             found.append(0)  # the whitespace before a leading call is part of it
         return min(found, default=-1)
 
-    def undecided(self, text: str) -> int:
+    def undecided(self, text: str, since: int = 0) -> int:
         """How many characters at the end of ``text`` may still become a marker (to hold
-        back from a stream)."""
+        back from a stream that has sent ``text[:since]``)."""
         held = max((partial_marker(text, m) for m in self.markers), default=0)
-        if not text.strip() and self.leading:
+        if since == 0 and self.leading and not text.strip():
             held = len(text)  # only whitespace so far: a leading call may still follow
         return held
 
@@ -317,16 +318,17 @@ class ToolCallStream:
         if self.parser is None:
             self.sent = len(self.text)
             return delta
-        start = self.parser.find_start(self.text)
+        # Only the unsent text is scanned: no marker begins in what was already sent.
+        start = self.parser.find_start(self.text, self.sent)
         if start >= 0:
             self.holding = True
             end = start
         else:
-            end = len(self.text) - self.parser.undecided(self.text)
+            end = len(self.text) - self.parser.undecided(self.text, self.sent)
         # Trailing whitespace waits too: before a call it is not content (as in
         # split_tool_calls), before more text it is sent with that text.
-        end = max(self.sent, len(self.text[:end].rstrip()))
-        out, self.sent = self.text[self.sent:end], end
+        out = self.text[self.sent:end].rstrip()
+        self.sent += len(out)
         return out
 
     def finish(self) -> tuple[str, list[ToolCall]]:
