@@ -106,6 +106,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                "peak_host_slots": mem["peak_host_slots"],
                # ClusterKV: share of the clustered tokens each query head attended to.
                "selected_share": kv.get("selected_share"),
+               # ClusterKV on the CPU: clustered rows each KV head read (its query heads'
+               # union) per clustered token.
+               "kv_head_read_share": kv.get("kv_head_read_share"),
                # Median time of one decode step (forward, selection, compression, sampling).
                "decode_ms": mem["decode_ms"] and round(mem["decode_ms"], 1),
                "seconds": round(time.perf_counter() - t0, 1)}

@@ -35,24 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sglang_chelsea.kernels.cluster_select import cluster_members
+
 __all__ = ["cluster_members", "select_cluster_tokens_triton"]
-
-
-def cluster_members(labels: Tensor, n_clusters: int) -> tuple[Tensor, Tensor]:
-    """``(sizes [..., K], within [..., n])`` int64 for ``labels [..., n]`` (values in
-    ``[0, K)``): each cluster's size, and each token's index among its cluster's tokens
-    in position order."""
-    n = labels.shape[-1]
-    flat = labels.reshape(-1, n).to(torch.int64)
-    m = flat.shape[0]
-    sizes = torch.zeros(m, n_clusters, dtype=torch.int64, device=labels.device)
-    sizes.scatter_add_(1, flat, torch.ones_like(flat))
-    order = torch.sort(flat, dim=1, stable=True).indices  # by cluster, then position
-    starts = sizes.cumsum(1) - sizes
-    rank_in_sorted = torch.arange(n, device=labels.device).expand(m, n)
-    within = torch.empty_like(flat).scatter_(
-        1, order, rank_in_sorted - starts.gather(1, flat.gather(1, order)))
-    return sizes.view(*labels.shape[:-1], n_clusters), within.view(labels.shape)
 
 
 @functools.lru_cache(maxsize=1)

@@ -170,7 +170,7 @@ class TorchNativeAttnBackend(AttentionBackend):
         dim = pool.head_dim
         device = pool.k_buffer[layer_id].device
         kv_head = torch.arange(n_q, device=device) // (n_q // pool.num_kv_heads)
-        slots = sel.slots if sel.slots.dim() == 2 else sel.slots.expand(n_q, -1)
+        slots = sel.query_head_slots(n_q)
         n = slots.shape[1]
         rows = head_rows(kv_head, slots, pool.size + 1)
         keys = pool.k_buffer[layer_id].view(-1, dim).index_select(0, rows).view(n_q, n, dim)
@@ -187,11 +187,14 @@ class TorchNativeAttnBackend(AttentionBackend):
         """One request's attention (``q [T, q_heads, dim]``) over a :class:`Selection`:
         ``o [T, q_heads, dim]`` and ``lse [T, q_heads]``.
 
-        Per-head slot lists (ClusterKV) are gathered per query head. Slots shared by every
-        head (recall: the whole row, with per-head biases masking recalled centroids) are
-        read once per KV head. Host rows are attended apart, merged by LSE."""
+        Per-head slot lists are gathered per query head. Per-KV-head lists (ClusterKV's
+        group unions) and slots shared by every head (recall: the whole row, with per-head
+        biases masking recalled centroids) are read once per KV head. Host rows are
+        attended apart, merged by LSE."""
         n_q = q.shape[1]
-        if sel.slots.dim() == 2:
+        if sel.kv_head_lists:
+            o, lse = grouped_attention(q, *self._read_kv_head_lists(pool, layer_id, sel), scaling)
+        elif sel.slots.dim() == 2:
             keys, values, mask = self._gather_selection(pool, layer_id, n_q, sel)
             o, lse = flash_attention(q.transpose(0, 1)[None], keys[None], values[None], scaling,
                                      mask=mask)
@@ -201,6 +204,19 @@ class TorchNativeAttnBackend(AttentionBackend):
         if sel.host_slots is not None and sel.host_slots.shape[-1]:
             o, lse = merge_attention(o, lse, *self._attend_host(pool, layer_id, q, sel, scaling))
         return o, lse
+
+    @staticmethod
+    def _read_kv_head_lists(pool: MHATokenToKVPool, layer_id: int, sel: Selection
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """K, V ``[1, kv_heads, n, dim]`` of a selection's per-KV-head lists and its bias
+        ``[kv_heads, group, n]`` (the selection's, in place of the pool's log-weights)."""
+        n_kv, n = sel.slots.shape
+        dim = pool.head_dim
+        assert sel.log_weight is not None, "per-KV-head lists carry a per-query-head mask"
+        rows = head_rows(torch.arange(n_kv, device=sel.slots.device), sel.slots, pool.size + 1)
+        keys = pool.k_buffer[layer_id].view(-1, dim).index_select(0, rows).view(1, n_kv, n, dim)
+        values = pool.v_buffer[layer_id].view(-1, dim).index_select(0, rows).view(1, n_kv, n, dim)
+        return keys, values, sel.log_weight.view(n_kv, -1, n).to(keys.dtype)
 
     @staticmethod
     def _read_shared(pool: MHATokenToKVPool, layer_id: int, sel: Selection

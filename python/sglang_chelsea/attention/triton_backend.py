@@ -202,7 +202,7 @@ class TritonAttnBackend(AttentionBackend):
                 row = meta.kv_indices[meta.offsets[i]:meta.offsets[i + 1]]
                 slots, log_w = row.to(torch.int64).expand(n_q, -1), None
             else:
-                slots = sel.slots if sel.slots.dim() == 2 else sel.slots.expand(n_q, -1)
+                slots = sel.query_head_slots(n_q)
                 slots, log_w = slots.to(device, torch.int64), sel.log_weight
             n = slots.shape[1]
             if log_w is None and pool.uniform_weights:

@@ -75,6 +75,9 @@ class Selection:
     ``host_tier``: what reads them onto the device (``gather(layer_id, kv_head, slots)``, as
     ``HostKVPool.gather``: a ``DeviceWorkingSet`` or ``HostStream``); None: the backend's
     host pool.
+    ``kv_head_lists``: ``slots`` is ``[kv_heads, n]``, one list per KV head read once for
+    all of its query heads, with ``log_weight [q_heads, n]`` masking each query head's
+    entries (a union of the group's per-head selections).
     """
 
     slots: "torch.Tensor"
@@ -82,6 +85,15 @@ class Selection:
     host_slots: Optional["torch.Tensor"] = None
     host_log_weight: Optional["torch.Tensor"] = None
     host_tier: Any = None
+    kv_head_lists: bool = False
+
+    def query_head_slots(self, n_q: int) -> "torch.Tensor":
+        """``slots`` as ``[q_heads, n]``, one list per query head."""
+        if self.slots.dim() == 1:
+            return self.slots.expand(n_q, -1)
+        if self.kv_head_lists:
+            return self.slots.repeat_interleave(n_q // self.slots.shape[0], dim=0)
+        return self.slots
 
 
 @dataclass

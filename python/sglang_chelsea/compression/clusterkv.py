@@ -39,7 +39,8 @@ from sglang_chelsea.compression.base import (KVCompressor, Selection, SlotSelect
 from sglang_chelsea.compression.clusterkv_batch import (BatchIndex, BatchPlan,
                                                         build_batch_index, plan_batch,
                                                         select_batch)
-from sglang_chelsea.kernels.cluster_select import select_cluster_tokens
+from sglang_chelsea.kernels.cluster_select import (cluster_members, cluster_token_mask,
+                                                  kv_head_union, select_cluster_tokens)
 from sglang_chelsea.kernels.kmeans import cosine_kmeans
 from sglang_chelsea.mem_cache.host_pool import (DeviceWorkingSet, HostReader, HostStream,
                                                TransferStats)
@@ -82,8 +83,9 @@ class ReqIndex:
     labels: torch.Tensor | None = None  # [L', kv_heads, n], global cluster ids
     on_host: torch.Tensor | None = None  # [n] bool, None when no window is offloaded
     all_host: bool = False  # every window is offloaded
-    # Triton selection only: cluster sizes [L', kv_heads, K] and each token's index in its
-    # cluster [L', kv_heads, n] (query-independent, so computed once per concatenation).
+    # Triton selection and the CPU's union lane: cluster sizes [L', kv_heads, K] and each
+    # token's index in its cluster [L', kv_heads, n] (query-independent, so computed once
+    # per concatenation).
     members: tuple[torch.Tensor, torch.Tensor] | None = None
     slots_dev: torch.Tensor | None = None  # ``slots`` on the selection's device (cached)
     version: int = 0  # a new number at each concatenation (keys the batched index)
@@ -181,6 +183,8 @@ class ClusterKVPolicy(KVCompressor):
         self.select_time = 0.0
         self.selected_tokens = 0
         self.candidate_tokens = 0
+        self.union_read_tokens = 0  # CPU union lane: clustered rows read, per KV head
+        self.union_candidate_tokens = 0
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -193,6 +197,11 @@ class ClusterKVPolicy(KVCompressor):
             # Attended share of the clustered tokens over all decode selections so far.
             "selected_share": round(self.selected_tokens / max(1, self.candidate_tokens), 4),
         }
+        if self.union_candidate_tokens:
+            # CPU: clustered rows each KV head read (its query heads' union, padded to the
+            # largest of the layer's) per clustered token.
+            out["kv_head_read_share"] = round(
+                self.union_read_tokens / self.union_candidate_tokens, 4)
         if self.offload:
             out.update(self._offload_stats(out["cluster_index_bytes"]))
         return out
@@ -365,7 +374,7 @@ class ClusterKVPolicy(KVCompressor):
         state: ReqIndex = req.kv_policy_state
         ppw = self.window // self.page
         state.end = sum(req.page_lens[:len(state.window_ids) * ppw])
-        state.slots_dev = state.member_lists = None
+        state.slots_dev = state.member_lists = state.members = None
         self.next_version += 1
         state.version = self.next_version
         if not state.window_ids:
@@ -380,7 +389,6 @@ class ClusterKVPolicy(KVCompressor):
         state.centroids = torch.cat([w.centroids for w in windows], dim=2)
         state.labels = torch.cat([w.labels + off for w, off in zip(windows, offsets)], dim=2)
         if self.triton:
-            from sglang_chelsea.kernels.cluster_select_triton import cluster_members
             state.members = cluster_members(state.labels, total)
         state.key_pos = torch.tensor(
             [sum(req.page_lens[:w * ppw]) + max(0, self.sink_tokens - w * self.window)
@@ -425,6 +433,9 @@ class ClusterKVSelector(SlotSelector):
         self.table = scheduler.req_to_token_pool.req_to_token
         self.device = scheduler.token_to_kv_pool.k_buffer[0].device
         self.uniform_weights = scheduler.token_to_kv_pool.uniform_weights
+        # On the CPU each KV head reads the union of its query heads' selections once
+        # (docs/benchmarks.md: 1.4x the budget on average instead of group x budget rows).
+        self.union_lane = self.device.type == "cpu" and not policy.triton
         # Batched decode lane (select_batch): set on its first call of the step.
         self.plan: BatchPlan | None = None
         self.index: BatchIndex | None = None
@@ -493,6 +504,8 @@ class ClusterKVSelector(SlotSelector):
         row = self.table[req.req_pool_idx]
         n_q = q.shape[1]
         fixed = torch.cat([row[:policy.sink_tokens], row[state.end:n_slots]]).to(torch.int64)
+        if not full and self.union_lane and state.on_host is None:
+            return self._select_union(layer_id, q, state, fixed)
         if full:
             pos = None
             chosen = state.slots.expand(n_q, -1)
@@ -500,7 +513,7 @@ class ClusterKVSelector(SlotSelector):
             t0 = time.perf_counter()
             layer = layer_id - policy.full_layers
             args = (q[0], state.centroids[layer], state.labels[layer], policy.budget)
-            if state.members is not None:  # the Triton kernel's precomputed cluster members
+            if policy.triton and state.members is not None:  # precomputed cluster members
                 args += ((state.members[0][layer], state.members[1][layer]),)
             pos = policy.select_tokens(*args)  # on the device of the centroids
             chosen = state.slots_on(pos.device)[pos]
@@ -525,6 +538,33 @@ class ClusterKVSelector(SlotSelector):
                                   zero.masked_fill(on_host, float("-inf"))], dim=1).to(dev),
             host_slots=chosen.masked_fill(~on_host, 0).to(dev),
             host_log_weight=zero.masked_fill(~on_host, float("-inf")).to(dev), host_tier=tier)
+
+    def _select_union(self, layer_id: int, q: torch.Tensor, state: ReqIndex,
+                      fixed: torch.Tensor) -> Selection:
+        """The same sets as per-query-head selection, as one list per KV head (the union of
+        its query heads' clusters) with a mask per query head: each chosen token is read
+        once per KV head, and the sinks and the tail once instead of once per query head."""
+        policy = self.policy
+        t0 = time.perf_counter()
+        layer = layer_id - policy.full_layers
+        assert state.slots is not None and state.centroids is not None
+        assert state.labels is not None
+        if state.members is None:
+            state.members = cluster_members(state.labels, state.centroids.shape[2])
+        n_q, n_kv = q.shape[1], state.centroids.shape[1]
+        mask = cluster_token_mask(q[0], state.centroids[layer], state.labels[layer],
+                                  policy.budget,
+                                  (state.members[0][layer], state.members[1][layer]))
+        pos, bias = kv_head_union(mask, n_kv)
+        n = state.slots.numel()
+        policy.selected_tokens += n_q * min(policy.budget, n)
+        policy.candidate_tokens += n * n_q
+        policy.union_read_tokens += pos.numel()
+        policy.union_candidate_tokens += n * n_kv
+        policy.select_time += time.perf_counter() - t0
+        slots = torch.cat([fixed.expand(n_kv, -1), state.slots[pos]], dim=1)
+        log_weight = torch.cat([torch.zeros(n_q, fixed.numel()), bias], dim=1)
+        return Selection(slots, log_weight=log_weight, kv_head_lists=True)
 
 
 @register_compressor("clusterkv")
