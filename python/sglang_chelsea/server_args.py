@@ -166,6 +166,12 @@ class ServerArgs:
                 f"clusterkv_kernel must be torch or triton, got {self.clusterkv_kernel!r}")
         if self.streaming_window < 1:
             raise ValueError("streaming_window must be >= 1")
+        if self.kv_compression != "none" and self.page_size not in (1, self.effective_page_size):
+            source = ("--clusterkv-window" if self.kv_offload else "--chelsea-chunk-size")
+            raise ValueError(
+                f"with --kv-compression {self.kv_compression} the radix page is the policy's "
+                f"chunk ({source}, {self.effective_page_size} tokens); --page-size "
+                f"{self.page_size} conflicts with it: leave --page-size out or set {source}")
         if self.kv_compression == "clusterkv":
             self._check_clusterkv()
         self._check_snapkv()
@@ -201,8 +207,8 @@ class ServerArgs:
     def _check_clusterkv(self) -> None:
         page = self.effective_page_size
         if self.clusterkv_window < page or self.clusterkv_window % page:
-            raise ValueError(f"clusterkv_window must be a multiple of the page size ({page}), "
-                             f"got {self.clusterkv_window}")
+            raise ValueError(f"clusterkv_window must be a multiple of the page size ({page}: "
+                             f"--chelsea-chunk-size), got {self.clusterkv_window}")
         if not 0 <= self.clusterkv_sink_tokens < self.clusterkv_window:
             raise ValueError("clusterkv_sink_tokens must be in [0, clusterkv_window)")
         if min(self.clusterkv_budget, self.clusterkv_tokens_per_cluster,

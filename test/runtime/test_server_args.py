@@ -46,3 +46,13 @@ def test_every_flag_gives_its_declared_type() -> None:
     defaults = ServerArgs(device="cpu")
     for f in dataclasses.fields(ServerArgs):  # the defaults pass the same check
         assert getattr(defaults, f.name) is not None or str(f.type).startswith("Optional[")
+
+
+def test_page_size_conflicting_with_a_kv_policy_is_named() -> None:
+    # With a KV policy the radix page is its chunk; --page-size used to be ignored silently.
+    with pytest.raises(ValueError, match=r"--chelsea-chunk-size, 128 tokens\); --page-size 64 conflicts"):
+        ServerArgs.from_kwargs(device="cpu", kv_compression="clusterkv", page_size=64,
+                               clusterkv_window=64)
+    args = ServerArgs.from_kwargs(device="cpu", kv_compression="clusterkv", page_size=64,
+                                  chelsea_chunk_size=64, clusterkv_window=64)
+    assert args.effective_page_size == 64

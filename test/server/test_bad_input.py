@@ -24,6 +24,8 @@ GOOD = {"text": "Hello", "sampling_params": {"max_new_tokens": 2}}
     ({"text": "hi " * 9000}, "more than the maximum"),
     ({"text": "hi", "sampling_params": {"temperature": -0.5}}, "temperature"),
     ({"text": "hi", "sampling_params": {"top_p": 1.5}}, "top_p"),
+    # NaN != NaN once read as "conflicting values" for the parameter.
+    ('{"text": "hi", "sampling_params": {"temperature": NaN}}', "finite"),
     ({"text": "hi", "sampling_params": {"top_k": 0}}, "top_k"),
     ({"text": "hi", "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
     ({"text": "hi", "sampling_params": {"max_new_tokens": "10"}}, "max_new_tokens"),

@@ -142,6 +142,18 @@ def test_bad_requests(client: openai.OpenAI, url: str) -> None:
         assert r.status_code == 400 and r.json()["error"]["message"]
     r = requests.post(url + "/v1/completions", data="{nope", timeout=30)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = requests.post(url + "/v1/chat/completions", timeout=30, json={
+        "messages": [{"role": "user", "content": [{"type": "text"}]}], "max_tokens": 2})
+    assert r.status_code == 400 and "needs a 'text'" in r.json()["error"]["message"]
+
+
+def test_null_max_tokens_on_completions_is_the_default(url: str) -> None:
+    # OpenAI's completions default is 16 tokens; null used to mean "until the context ends".
+    body = {"prompt": "Once upon a time", "max_tokens": None, "temperature": 0,
+            "stop": [], "ignore_eos": True}
+    r = requests.post(url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 16
 
 
 def test_n_choices_stream_and_not(client: openai.OpenAI) -> None:

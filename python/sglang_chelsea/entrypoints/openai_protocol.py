@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StreamOptions(BaseModel):
@@ -130,6 +130,12 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
 
+    @field_validator("max_tokens")
+    @classmethod
+    def _null_max_tokens_is_the_default(cls, value: int | None) -> int:
+        """``"max_tokens": null`` means OpenAI's default (16), not "no limit"."""
+        return 16 if value is None else value
+
 
 class TextContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -153,9 +159,12 @@ class ChatMessage(BaseModel):
             return self.content
         texts = []
         for part in self.content:
-            if part.type != "text" or part.text is None:
+            if part.type != "text":
                 raise ValueError(f"messages: content parts of type {part.type!r} are not "
                                  "supported (text only)")
+            if part.text is None:
+                raise ValueError("messages: a content part of type 'text' needs a 'text' "
+                                 "string")
             texts.append(part.text)
         return "".join(texts)
 

@@ -19,6 +19,11 @@ _UNSUPPORTED = frozenset({"stop_regex", "structural_tag"})
 _INTERNAL = frozenset({"stop_strs"})
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Equality that also holds for two NaNs (an alias repeating a NaN is no conflict)."""
+    return a == b or (a != a and b != b)
+
+
 def _as_int(name: str, value: Any) -> int:
     """An int, or an int-valued float (JSON has one number type); never a bool or str."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -221,7 +226,7 @@ class SamplingParams:
             if value is None:
                 continue  # keep the default
             converted = _CONVERTERS[name](key, value)
-            if kwargs.get(name, converted) != converted:
+            if name in kwargs and not _same_value(kwargs[name], converted):
                 raise ValueError(f"conflicting values for sampling parameter {key!r}")
             kwargs[name] = converted
         params = cls(**kwargs)
