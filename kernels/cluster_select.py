@@ -103,7 +103,7 @@ def kv_head_union(mask: Tensor, n_kv: int) -> tuple[Tensor, Tensor]:
     per_head = mask.view(n_kv, group, n)
     union = per_head.view(torch.uint8).amax(dim=1).view(torch.bool)  # [Hkv, n] (any)
     counts = union.sum(dim=1)
-    width = int(counts.max()) if n_kv else 0
+    width = int(counts.max())
     head, tok = union.nonzero(as_tuple=True)  # sorted by head, then position
     starts = counts.cumsum(0) - counts
     col = torch.arange(head.numel(), device=mask.device) - starts[head]

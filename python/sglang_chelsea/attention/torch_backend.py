@@ -84,6 +84,18 @@ def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             lse.view(n_kv, t, group).transpose(0, 1).reshape(t, n_q))
 
 
+def _gather_head_rows(pool: MHATokenToKVPool, layer_id: int, heads: torch.Tensor,
+                      slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K and V ``[rows, n, dim]`` of ``slots [rows, n]``, row ``r`` read from KV head
+    ``heads[r]``, by one ``index_select`` each; and the flat row numbers used."""
+    rows_n, n = slots.shape
+    dim = pool.head_dim
+    rows = head_rows(heads, slots, pool.size + 1)
+    keys = pool.k_buffer[layer_id].view(-1, dim).index_select(0, rows).view(rows_n, n, dim)
+    values = pool.v_buffer[layer_id].view(-1, dim).index_select(0, rows).view(rows_n, n, dim)
+    return keys, values, rows
+
+
 @dataclass
 class SlotRun:
     """A request's cached slots: one contiguous run ``[start, start + length)``, or an index."""
@@ -167,14 +179,11 @@ class TorchNativeAttnBackend(AttentionBackend):
         """K, V ``[q_heads, n, dim]`` and the logit bias ``[1, q_heads, 1, n]`` (or None) of a
         :class:`Selection`'s device slots, per query head (with the pool's or the selection's
         log-weights); its host slots are attended apart (:meth:`_attend_host`)."""
-        dim = pool.head_dim
         device = pool.k_buffer[layer_id].device
         kv_head = torch.arange(n_q, device=device) // (n_q // pool.num_kv_heads)
         slots = sel.query_head_slots(n_q)
         n = slots.shape[1]
-        rows = head_rows(kv_head, slots, pool.size + 1)
-        keys = pool.k_buffer[layer_id].view(-1, dim).index_select(0, rows).view(n_q, n, dim)
-        values = pool.v_buffer[layer_id].view(-1, dim).index_select(0, rows).view(n_q, n, dim)
+        keys, values, rows = _gather_head_rows(pool, layer_id, kv_head, slots)
         bias = sel.log_weight
         if bias is None and not pool.uniform_weights:
             bias = torch.log(pool.weight_buffer[layer_id].view(-1).index_select(0, rows)
@@ -211,12 +220,10 @@ class TorchNativeAttnBackend(AttentionBackend):
         """K, V ``[1, kv_heads, n, dim]`` of a selection's per-KV-head lists and its bias
         ``[kv_heads, group, n]`` (the selection's, in place of the pool's log-weights)."""
         n_kv, n = sel.slots.shape
-        dim = pool.head_dim
         assert sel.log_weight is not None, "per-KV-head lists carry a per-query-head mask"
-        rows = head_rows(torch.arange(n_kv, device=sel.slots.device), sel.slots, pool.size + 1)
-        keys = pool.k_buffer[layer_id].view(-1, dim).index_select(0, rows).view(1, n_kv, n, dim)
-        values = pool.v_buffer[layer_id].view(-1, dim).index_select(0, rows).view(1, n_kv, n, dim)
-        return keys, values, sel.log_weight.view(n_kv, -1, n).to(keys.dtype)
+        keys, values, _ = _gather_head_rows(
+            pool, layer_id, torch.arange(n_kv, device=sel.slots.device), sel.slots)
+        return keys[None], values[None], sel.log_weight.view(n_kv, -1, n).to(keys.dtype)
 
     @staticmethod
     def _read_shared(pool: MHATokenToKVPool, layer_id: int, sel: Selection

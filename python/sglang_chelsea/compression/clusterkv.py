@@ -83,14 +83,21 @@ class ReqIndex:
     labels: torch.Tensor | None = None  # [L', kv_heads, n], global cluster ids
     on_host: torch.Tensor | None = None  # [n] bool, None when no window is offloaded
     all_host: bool = False  # every window is offloaded
-    # Triton selection and the CPU's union lane: cluster sizes [L', kv_heads, K] and each
-    # token's index in its cluster [L', kv_heads, n] (query-independent, so computed once
-    # per concatenation).
+    # Triton selection and the CPU's union lane (``cluster_members()``): cluster sizes
+    # [L', kv_heads, K] and each token's index in its cluster [L', kv_heads, n]
+    # (query-independent, so computed once per concatenation).
     members: tuple[torch.Tensor, torch.Tensor] | None = None
     slots_dev: torch.Tensor | None = None  # ``slots`` on the selection's device (cached)
     version: int = 0  # a new number at each concatenation (keys the batched index)
     # (sizes, starts, members) of each layer's clusters, for batched selection (lazily).
     member_lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def cluster_members(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``members`` (computed on first use after each concatenation)."""
+        assert self.labels is not None and self.centroids is not None
+        if self.members is None:
+            self.members = cluster_members(self.labels, self.centroids.shape[2])
+        return self.members
 
     def slots_on(self, device: torch.device) -> torch.Tensor:
         """``slots`` on ``device`` (copied once per concatenation, not per layer)."""
@@ -388,8 +395,6 @@ class ClusterKVPolicy(KVCompressor):
         state.slots = torch.cat([w.slots for w in windows])
         state.centroids = torch.cat([w.centroids for w in windows], dim=2)
         state.labels = torch.cat([w.labels + off for w, off in zip(windows, offsets)], dim=2)
-        if self.triton:
-            state.members = cluster_members(state.labels, total)
         state.key_pos = torch.tensor(
             [sum(req.page_lens[:w * ppw]) + max(0, self.sink_tokens - w * self.window)
              for w in range(len(windows))], dtype=torch.int64)
@@ -513,8 +518,9 @@ class ClusterKVSelector(SlotSelector):
             t0 = time.perf_counter()
             layer = layer_id - policy.full_layers
             args = (q[0], state.centroids[layer], state.labels[layer], policy.budget)
-            if policy.triton and state.members is not None:  # precomputed cluster members
-                args += ((state.members[0][layer], state.members[1][layer]),)
+            if policy.triton:  # the Triton kernel takes the precomputed cluster members
+                sizes, within = state.cluster_members()
+                args += ((sizes[layer], within[layer]),)
             pos = policy.select_tokens(*args)  # on the device of the centroids
             chosen = state.slots_on(pos.device)[pos]
             policy.selected_tokens += pos.numel()
@@ -547,14 +553,12 @@ class ClusterKVSelector(SlotSelector):
         policy = self.policy
         t0 = time.perf_counter()
         layer = layer_id - policy.full_layers
+        sizes, within = state.cluster_members()
         assert state.slots is not None and state.centroids is not None
         assert state.labels is not None
-        if state.members is None:
-            state.members = cluster_members(state.labels, state.centroids.shape[2])
         n_q, n_kv = q.shape[1], state.centroids.shape[1]
         mask = cluster_token_mask(q[0], state.centroids[layer], state.labels[layer],
-                                  policy.budget,
-                                  (state.members[0][layer], state.members[1][layer]))
+                                  policy.budget, (sizes[layer], within[layer]))
         pos, bias = kv_head_union(mask, n_kv)
         n = state.slots.numel()
         policy.selected_tokens += n_q * min(policy.budget, n)
