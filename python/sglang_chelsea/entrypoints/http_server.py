@@ -22,6 +22,7 @@ from sglang_chelsea.entrypoints.chat_template import load_chat_template
 from sglang_chelsea.entrypoints.http_errors import error_body, error_response, read_json_body
 from sglang_chelsea.entrypoints.openai_api import OpenAIServing
 from sglang_chelsea.entrypoints.sse import SSE_DONE, sse_data, sse_response
+from sglang_chelsea.entrypoints.tokenize_api import TokenizeServing
 from sglang_chelsea.entrypoints.subprocesses import ServerProcesses, launch_subprocesses
 from sglang_chelsea.managers.generate_request import GenerateReqInput
 from sglang_chelsea.managers.tokenizer_manager import (
@@ -44,6 +45,7 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
     app = FastAPI(title="sglang-chelsea", docs_url=None, redoc_url=None, openapi_url=None)
     openai = OpenAIServing(tm, load_chat_template(server_args.chat_template, tm.tokenizer),
                            server_args.tool_call_parser, server_args.reasoning_parser)
+    tokenize = TokenizeServing(tm.tokenizer, tm.vocab_size, tm.context_len)
     if server_args.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=server_args.api_key)
 
@@ -161,17 +163,35 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
         out = await first_result(gen)
         return out if isinstance(out, Response) else JSONResponse(out)
 
-    # ------------------------------------------------------------------ OpenAI
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return openai.list_models()
-
     async def with_json_body(request: Request, handler: Any) -> Response:
         try:
             body = await read_json_body(request)
         except ValueError as exc:
             return error_response(str(exc))
         return await handler(body, request)
+
+    @app.post("/tokenize")
+    @app.post("/v1/tokenize")
+    async def tokenize_text(request: Request) -> Response:
+        return await with_json_body(request, tokenize.tokenize)
+
+    @app.post("/detokenize")
+    @app.post("/v1/detokenize")
+    async def detokenize_ids(request: Request) -> Response:
+        return await with_json_body(request, tokenize.detokenize)
+
+    # ------------------------------------------------------------------ OpenAI
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return openai.list_models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> Response:
+        for card in openai.list_models()["data"]:
+            if card["id"] == model_id:
+                return JSONResponse(card)
+        return error_response(f"the model {model_id!r} does not exist (this server serves "
+                              f"{tm.served_model_name!r})", 404)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
