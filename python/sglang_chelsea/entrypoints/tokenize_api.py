@@ -42,18 +42,22 @@ class TokenizeServing:
         self.vocab_size = vocab_size
         self.context_len = context_len
 
-    def _no_tokenizer(self) -> Response:
-        return error_response("the server was started with --skip-tokenizer-init: it has no "
-                              "tokenizer to (de)tokenize with")
+    def _parse(self, model: type[BaseModel], body: Any) -> tuple[Any, Response | None]:
+        """The validated request, or the 400 to answer instead."""
+        try:
+            req = model.model_validate(body)
+        except ValidationError as exc:
+            return None, error_response(validation_error_message(exc))
+        if self.tokenizer is None:
+            return None, error_response("the server was started with --skip-tokenizer-init: "
+                                        "it has no tokenizer to (de)tokenize with")
+        return req, None
 
     async def tokenize(self, body: Any, raw_request: Request | None = None) -> Response:
         """The response of ``/tokenize`` for a parsed JSON body (400 on a bad body)."""
-        try:
-            req = TokenizeRequest.model_validate(body)
-        except ValidationError as exc:
-            return error_response(validation_error_message(exc))
-        if self.tokenizer is None:
-            return self._no_tokenizer()
+        req, error = self._parse(TokenizeRequest, body)
+        if error is not None:
+            return error
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         ids = [self.tokenizer.encode(p, add_special_tokens=req.add_special_tokens)
                for p in prompts]
@@ -66,12 +70,9 @@ class TokenizeServing:
     async def detokenize(self, body: Any, raw_request: Request | None = None) -> Response:
         """The response of ``/detokenize`` for a parsed JSON body (400 on a bad body or an
         id outside the vocabulary)."""
-        try:
-            req = DetokenizeRequest.model_validate(body)
-        except ValidationError as exc:
-            return error_response(validation_error_message(exc))
-        if self.tokenizer is None:
-            return self._no_tokenizer()
+        req, error = self._parse(DetokenizeRequest, body)
+        if error is not None:
+            return error
         single = not req.tokens or isinstance(req.tokens[0], int)
         seqs = [req.tokens] if single else req.tokens
         for seq in seqs:
