@@ -168,9 +168,11 @@ class RecallSelector(SlotSelector):
         # wanted and lost passkeys (docs/benchmarks.md).
         logits = torch.einsum("hd,hmd->hm", q[-1].float(), k_cent.float())
         score = logits * dim ** -0.5 + log_w[:, cent_pos]
-        order = torch.argsort(score, dim=-1, descending=True)
+        # Only the best `budget` centroids can fit (each live one holds >= 1 token; a dead
+        # one, size 0, scores -inf and has no members): a top-k instead of a full sort.
+        order = torch.topk(score, min(self.budget, score.shape[1]), dim=-1).indices
         fits = torch.cumsum(sizes.gather(1, order), dim=1) <= self.budget
-        chosen = torch.zeros_like(fits).scatter_(1, order, fits)  # [Hq, M]
+        chosen = torch.zeros(score.shape, dtype=torch.bool, device=dev).scatter_(1, order, fits)
         member = index.member[layer_id - self.first_layer].to(dev)[kv_head]  # [Hq, T]
         recalled = chosen.gather(1, member)  # [Hq, T]
         take = min(self.budget, member.shape[1])
