@@ -69,20 +69,22 @@ class AbortReq:
 
 @dataclass
 class FlushCacheReq:
-    pass
+    call_id: int = 0  # echoed in the reply, so a late reply to a timed-out call is dropped
 
 
 @dataclass
 class FlushCacheReqOutput:
     success: bool
     message: str = ""
+    call_id: int = 0
 
 
 @dataclass
 class GetInternalStateReq:
-    pass
+    call_id: int = 0
 
 
 @dataclass
 class GetInternalStateReqOutput:
     state: dict[str, Any]
+    call_id: int = 0

@@ -88,9 +88,11 @@ class SchedulerEventLoop:
                 n = state["num_running_reqs"] + state["num_waiting_reqs"]
                 self.send_to_tokenizer.send_pyobj(FlushCacheReqOutput(
                     success=ok, message="Cache flushed." if ok else
-                    f"Cache not flushed: {n} requests are running or queued."))
+                    f"Cache not flushed: {n} requests are running or queued.",
+                    call_id=msg.call_id))
             elif isinstance(msg, GetInternalStateReq):
-                self.send_to_tokenizer.send_pyobj(GetInternalStateReqOutput(self.internal_state()))
+                self.send_to_tokenizer.send_pyobj(GetInternalStateReqOutput(
+                    self.internal_state(), call_id=msg.call_id))
             else:
                 logger.error("scheduler: unknown message %r", type(msg).__name__)
         if rejected:

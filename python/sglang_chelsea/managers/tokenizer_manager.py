@@ -78,15 +78,20 @@ class _ReqEntry:
 
 
 class _Communicator:
-    """One request/response control call to the scheduler at a time."""
+    """One request/response control call to the scheduler at a time. Each call carries a
+    ``call_id`` that the reply echoes: the late reply of a call that timed out is dropped
+    instead of answering the next call."""
 
     def __init__(self, socket: zmq.asyncio.Socket) -> None:
         self.socket = socket
         self.lock = asyncio.Lock()
         self.future: asyncio.Future | None = None
+        self.call_id = 0
 
     async def __call__(self, request: Any, timeout: float = CONTROL_TIMEOUT_S) -> Any:
         async with self.lock:
+            self.call_id += 1
+            request.call_id = self.call_id
             self.future = asyncio.get_running_loop().create_future()
             await self.socket.send_pyobj(request)
             try:
@@ -95,6 +100,10 @@ class _Communicator:
                 self.future = None
 
     def handle_recv(self, response: Any) -> None:
+        if response.call_id != self.call_id:
+            logger.warning("dropping a late %s (call %d; call %d is current)",
+                           type(response).__name__, response.call_id, self.call_id)
+            return
         if self.future is not None and not self.future.done():
             self.future.set_result(response)
 
