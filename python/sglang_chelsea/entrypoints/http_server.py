@@ -22,8 +22,8 @@ from sglang_chelsea.entrypoints.chat_template import load_chat_template
 from sglang_chelsea.entrypoints.http_errors import error_body, error_response, read_json_body
 from sglang_chelsea.entrypoints.openai_api import OpenAIServing
 from sglang_chelsea.entrypoints.sse import SSE_DONE, sse_data, sse_response
-from sglang_chelsea.entrypoints.tokenize_api import TokenizeServing
 from sglang_chelsea.entrypoints.subprocesses import ServerProcesses, launch_subprocesses
+from sglang_chelsea.entrypoints.tokenize_api import TokenizeServing
 from sglang_chelsea.managers.generate_request import GenerateReqInput
 from sglang_chelsea.managers.tokenizer_manager import (
     ServerDeadError,
