@@ -125,3 +125,17 @@ def test_async_cancel_and_bad_input(engine: Any, expected: list[dict]) -> None:
     asyncio.run(run())
     assert_no_leak(engine)
     _same_result(engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY), expected[0])
+
+
+def test_sglang_only_arguments(engine: Any, expected: list[dict]) -> None:
+    """SGLang's Engine arguments for features this runtime lacks: fine when unset."""
+    out = engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY, image_data=None,
+                          lora_path=None, return_hidden_states=False)
+    _same_result(out, expected[0])
+    with pytest.raises(ValueError, match="lora_path is not supported"):
+        engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY, lora_path="adapter")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_tokens'"):
+        engine.generate(input_ids=PROMPTS[0], max_tokens=3)
+    with pytest.raises(ValueError, match="image_data is not supported"):
+        asyncio.run(engine.async_generate("hi", image_data="cat.png"))
+    assert_no_leak(engine)

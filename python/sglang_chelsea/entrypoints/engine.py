@@ -18,7 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from sglang_chelsea.managers.detokenizer_manager import DetokenizerManager
-from sglang_chelsea.managers.generate_request import GenerateReqInput, validate_request_budget
+from sglang_chelsea.managers.generate_request import (
+    UNSUPPORTED_FIELDS,
+    GenerateReqInput,
+    validate_request_budget,
+)
 from sglang_chelsea.managers.io_struct import BatchTokenIDOutput, TokenizedGenerateReqInput
 from sglang_chelsea.managers.req_state import ReqState
 from sglang_chelsea.managers.scheduler import Scheduler
@@ -72,16 +76,19 @@ class Engine:
                  top_logprobs_num: int | list[int] | None = None,
                  return_text_in_logprobs: bool = False,
                  rid: str | list[str] | None = None,
-                 stream: bool = False) -> dict | list[dict] | Iterator[dict]:
+                 stream: bool = False, **sglang_fields: Any
+                 ) -> dict | list[dict] | Iterator[dict]:
         """Generate for one prompt (returns a dict) or a list of prompts (returns a list).
 
         With ``stream=True``, an iterator of SGLang's streamed responses (cumulative text;
         an ``index`` field for a list of prompts); stopping it early aborts what is left.
-        Raises ValueError for bad input; nothing is queued then.
+        Raises ValueError for bad input; nothing is queued then. SGLang's arguments for
+        features this runtime lacks (``image_data``, ``lora_path``, ``return_hidden_states``,
+        ...) are accepted when None or False, and a ValueError otherwise.
         """
         obj, prepared = self._prepare(prompt, sampling_params, input_ids, return_logprob,
                                       logprob_start_len, top_logprobs_num,
-                                      return_text_in_logprobs, rid, stream)
+                                      return_text_in_logprobs, rid, stream, sglang_fields)
         if stream:
             return self._stream(prepared, obj.returns_single)
         tracked = self._enqueue(prepared)
@@ -100,13 +107,14 @@ class Engine:
                              top_logprobs_num: int | list[int] | None = None,
                              return_text_in_logprobs: bool = False,
                              rid: str | list[str] | None = None,
-                             stream: bool = False) -> dict | list[dict] | AsyncIterator[dict]:
+                             stream: bool = False, **sglang_fields: Any
+                             ) -> dict | list[dict] | AsyncIterator[dict]:
         """``generate`` for asyncio: concurrent calls share the scheduler's batches, and the
         model runs in a worker thread so the event loop stays responsive. With
         ``stream=True`` the awaited value is an async iterator of streamed responses."""
         obj, prepared = self._prepare(prompt, sampling_params, input_ids, return_logprob,
                                       logprob_start_len, top_logprobs_num,
-                                      return_text_in_logprobs, rid, stream)
+                                      return_text_in_logprobs, rid, stream, sglang_fields)
         if stream:
             return self._async_stream(prepared, obj.returns_single)
         tracked = self._enqueue(prepared)
@@ -120,9 +128,14 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def _prepare(self, prompt: PromptInput, sampling_params: Any, input_ids: IdsInput,
                  return_logprob: Any, logprob_start_len: Any, top_logprobs_num: Any,
-                 return_text_in_logprobs: bool, rid: Any, stream: bool
-                 ) -> tuple[GenerateReqInput, list[_Tracked]]:
+                 return_text_in_logprobs: bool, rid: Any, stream: bool,
+                 sglang_fields: dict[str, Any]) -> tuple[GenerateReqInput, list[_Tracked]]:
         """Check and tokenize every prompt (ValueError names the first problem)."""
+        for name, value in sglang_fields.items():
+            if name not in UNSUPPORTED_FIELDS:
+                raise TypeError(f"generate() got an unexpected keyword argument {name!r}")
+            if value:
+                raise ValueError(f"{name} is not supported by this runtime")
         obj = GenerateReqInput(
             text=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
             return_logprob=return_logprob, logprob_start_len=logprob_start_len,
