@@ -61,7 +61,6 @@ class Engine:
         self._detokenizer = (DetokenizerManager(self.tokenizer) if self.tokenizer is not None
                              else None)
         self._tracked: dict[str, _Tracked] = {}
-        self._unsent_params: dict[str, Any] = {}  # rid -> SamplingParams for the detokenizer
         self._step_lock: tuple[Any, asyncio.Lock] | None = None  # (event loop, its lock)
         self._step_count = 0
         # Held while the scheduler runs: a cancelled asyncio call's step goes on in its
@@ -165,7 +164,6 @@ class Engine:
             for t in prepared:
                 self.scheduler.add_request(t.tokenized)
                 self._tracked[t.state.rid] = t
-                self._unsent_params[t.state.rid] = t.tokenized.sampling_params
         return prepared
 
     def _step(self) -> None:
@@ -181,20 +179,20 @@ class Engine:
         self._step_count += 1
         if not outputs:
             return
+        tracked = [self._tracked.get(out.rid) for out in outputs]
         if self._detokenizer is not None:
-            params = [self._unsent_params.pop(out.rid, None) for out in outputs]
+            # The detokenizer reads a request's parameters with its first output (an output
+            # of a request no longer tracked is decoded with the defaults and dropped).
+            params = [t.tokenized.sampling_params if t is not None else None for t in tracked]
             texts = self._detokenizer.handle_batch_token_id_out(
                 BatchTokenIDOutput(outputs, params)).texts
         else:
             texts = [""] * len(outputs)
-        for out, text in zip(outputs, texts):
-            t = self._tracked.get(out.rid)
+        for out, text, t in zip(outputs, texts, tracked):
             if t is not None:
                 t.state.update(out)
                 t.text = text
                 t.dirty = True
-            if out.finished_reason is not None:
-                self._unsent_params.pop(out.rid, None)
 
     def _release(self, tracked: list[_Tracked]) -> None:
         """Abort what has not finished (a stopped stream, an exception), let the scheduler
