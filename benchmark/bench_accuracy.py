@@ -92,6 +92,7 @@ class Policy:
             "chelsea_round_fraction": float(self.args.get("round", 0.125)),
             "chelsea_min_similarity": float(self.args.get("sim", 0.0)),
             "chelsea_size_bias": bool(int(self.args.get("bias", 1))),
+            "chelsea_query_weighting": bool(int(self.args.get("qw", 0))),
             "chelsea_sink_tokens": int(self.args.get("sink", 4)),
             "chelsea_recent_chunks": int(self.args.get("recent", 1)),
             "chelsea_recall_budget": int(self.args.get("recall", 0)),

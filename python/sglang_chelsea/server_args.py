@@ -87,6 +87,7 @@ class ServerArgs:
     chelsea_sink_tokens: int = 4
     chelsea_full_layers: int = 0
     chelsea_size_bias: bool = True
+    chelsea_query_weighting: bool = False
     chelsea_recent_chunks: int = 1
     chelsea_kernel: str = "torch"
     chelsea_recall_budget: int = 0
@@ -370,6 +371,12 @@ class ServerArgs:
         g.add_argument("--chelsea-size-bias", action=argparse.BooleanOptionalAction,
                        default=d.chelsea_size_bias,
                        help="Add log(cluster size) to each centroid's attention logit")
+        g.add_argument("--chelsea-query-weighting", action=argparse.BooleanOptionalAction,
+                       default=d.chelsea_query_weighting,
+                       help="Weight each cluster member's K/V in its centroid by the attention "
+                            "the model's mean query (measured once at start) gives it, instead "
+                            "of by its size alone (KL -12%% at keep 0.5, +7%% at keep 0.1: "
+                            "docs/benchmarks.md)")
         g.add_argument("--chelsea-recent-chunks", type=int, default=d.chelsea_recent_chunks,
                        help="Newest completed chunks kept raw (compressed once newer ones complete)")
         g.add_argument("--chelsea-kernel", type=str, default=d.chelsea_kernel,

@@ -34,3 +34,8 @@ def test_every_spec_gives_valid_flags(spec: str) -> None:
     ServerArgs(device="cpu", **args)
     if "chunk=" in spec:
         assert args["chelsea_chunk_size"] == int(spec.split("chunk=")[1].split(",")[0])
+
+
+def test_chelsea_query_weighting_spec() -> None:
+    assert parse_policy("chelsea:keep=0.5,qw=1").engine_args(4096)["chelsea_query_weighting"]
+    assert not parse_policy("chelsea:keep=0.5").engine_args(4096)["chelsea_query_weighting"]

@@ -27,10 +27,17 @@ class KVCompressor(ABC):
     #: True when the policy gives slots weights other than 1 (centroid sizes), so attention
     #: must add the log-weight bias; False lets the backend skip it.
     writes_slot_weights = False
+    #: True when the policy wants the model's query prior (``set_query_prior``), measured
+    #: by the model runner once at start.
+    wants_query_prior = False
 
     def bind(self, pool: "MHATokenToKVPool", allocator: "TokenToKVPoolAllocator",
              host_pool: Optional["HostKVPool"] = None) -> None:
         """Called once by the model runner with the pools the policy works on."""
+
+    def set_query_prior(self, prior: torch.Tensor) -> None:
+        """Called once at start when ``wants_query_prior``: this rank's mean post-RoPE
+        query ``[num_layers, num_kv_heads, head_dim]`` (``model_executor/query_prior.py``)."""
 
     def warm_up(self, pool: "MHATokenToKVPool", max_chunks: int) -> None:
         """Called once at start on the CPU when freed host memory stays in the heap: run

@@ -6,7 +6,9 @@ into the first ``m`` of the chunk's own slots (``m`` = the most centroids any la
 kept, on any tensor-parallel rank), the other ``C - m`` slots are freed, and the request's
 slot list is compacted.
 Each slot's weight (per layer, KV head) is its cluster size (0 for a padding slot), and
-attention adds log(weight) when the size bias is on.
+attention adds log(weight) when the size bias is on. A centroid is the mean of its
+members' K and V, each member weighted by the attention the model's query prior gives it
+(``--chelsea-query-weighting``) or by its size alone (the default).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from sglang_chelsea.compression.base import (KVCompressor, SlotSelector, page_sl
 from sglang_chelsea.compression.chelsea_recall import RecallSelector, RecallStore
 from sglang_chelsea.distributed.parallel_state import get_tp_group
 from sglang_chelsea.kernels.chunked_soft_matching import MergeResult, chunked_soft_matching
+from sglang_chelsea.kernels.query_weighted_merge import query_weighted_centroids
 from sglang_chelsea.mem_cache.memory_pool import head_rows
 
 if TYPE_CHECKING:
@@ -46,6 +49,8 @@ class ChelseaCompressor(KVCompressor):
         self.sink_tokens = server_args.chelsea_sink_tokens
         self.full_layers = server_args.chelsea_full_layers
         self.size_bias = server_args.chelsea_size_bias
+        self.wants_query_prior = server_args.chelsea_query_weighting
+        self.query_prior: Optional[torch.Tensor] = None  # [layers, kv_heads, head_dim]
         self.recent_chunks = server_args.chelsea_recent_chunks
         self.kernel = server_args.chelsea_kernel
         self.recall_budget = server_args.chelsea_recall_budget
@@ -75,6 +80,9 @@ class ChelseaCompressor(KVCompressor):
                 raise ValueError("chelsea recall needs a host KV pool")
             self.recall = RecallStore(pool, host_pool, self.full_layers)
             allocator.free_listeners.append(self.recall.on_free)
+
+    def set_query_prior(self, prior: torch.Tensor) -> None:
+        self.query_prior = prior
 
     def warm_up(self, pool: "MHATokenToKVPool", max_chunks: int) -> None:
         # The matcher's input for max_chunks chunks, as cluster() lays it out: one
@@ -179,6 +187,15 @@ class ChelseaCompressor(KVCompressor):
             keys, values, target=targets.to(device).repeat(n_layers * h),
             round_fraction=self.round_fraction, min_similarity=self.min_similarity,
             protected=protected.to(device).repeat(n_layers * h, 1))
+        if self.query_prior is not None:
+            # Centroids weighted by the attention the model's typical query gives each member.
+            prior = self.query_prior[self.full_layers:].to(device)  # [L, H, D]
+            prior = prior[:, :, None].expand(n_layers, h, n_chunks, d).reshape(-1, d)
+            result.keys, result.values = query_weighted_centroids(
+                keys.view(-1, c, d), values.view(-1, c, d), result.assignment.view(-1, c),
+                result.keys.shape[2], prior, d ** -0.5)
+            result.keys = result.keys.view(-1, 1, *result.keys.shape[1:])
+            result.values = result.values.view(-1, 1, *result.values.shape[1:])
         # Slots kept per chunk: the most centroids any compressed layer/head needs (all C
         # when some layers stay raw).
         kept = result.num_kept.view(n_layers, h, n_chunks).amax(dim=(0, 1))  # [N]

@@ -31,6 +31,7 @@ from sglang_chelsea.mem_cache.memory_pool import (
     kv_bytes_per_slot,
 )
 from sglang_chelsea.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+from sglang_chelsea.model_executor.query_prior import measure_query_prior
 from sglang_chelsea.model_loader import load_model, resolve_dtype
 from sglang_chelsea.models.llama import ARCHITECTURES
 from sglang_chelsea.server_args import ServerArgs
@@ -210,6 +211,8 @@ class ModelRunner:
         self.attn_backend = create_attn_backend(server_args.attention_backend)
         if self.host_pool is not None:
             self.attn_backend.host_pool = self.host_pool
+        if self.kv_compressor is not None and self.kv_compressor.wants_query_prior:
+            self.kv_compressor.set_query_prior(measure_query_prior(self))
         self.cuda_graph_runner: Optional["CudaGraphRunner"] = None
         if (self.device.type == "cuda" and server_args.attention_backend in ("triton",
                                                                               "flashinfer")
