@@ -29,6 +29,8 @@ COMMON = {"max_total_tokens": 4000, "num_threads": 1}
 # (the most any head needs) depend on heads of both ranks.
 MODES = {"none": {}, "chelsea": {"kv_compression": "chelsea", "chelsea_chunk_size": 16,
                                  "chelsea_min_similarity": 0.8}}
+# Each rank measures the query prior of its own KV heads in a start-up pass of its own.
+MODES["chelsea_query_weighting"] = {**MODES["chelsea"], "chelsea_query_weighting": True}
 
 
 def test_shard_range_covers_everything_unevenly() -> None:
@@ -73,7 +75,15 @@ def test_more_ranks_than_kv_heads_is_a_clear_error(tiny_llama_dir: str,
 
 
 def cli_args(kwargs: dict[str, Any]) -> list[str]:
-    return [a for k, v in kwargs.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    """Engine keyword arguments as server flags (a bool as ``--flag`` / ``--no-flag``)."""
+    out = []
+    for key, value in kwargs.items():
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            out += [f"--{flag}", str(value)]
+    return out
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -90,7 +100,7 @@ def test_tp2_matches_tp1_greedy(mode: str, tmp_path: Any, default_model_path: st
         assert r.status_code == 200, r.text
         assert [o["output_ids"] for o in r.json()] == expected
         kv = requests.get(srv.url + "/get_server_info", timeout=60).json()["kv_cache"]
-        if mode == "chelsea":
+        if mode.startswith("chelsea"):
             # The same chunks kept the same number of slots: every rank agreed on the most
             # centroids any of all the KV heads needed (the warm-up "Hi" fills no chunk).
             assert kv["clustered_chunks"] > 0

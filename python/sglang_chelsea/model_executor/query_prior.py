@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -52,25 +52,20 @@ class QueryMeanObserver(QueryObserver):
 
 
 @torch.inference_mode()
-def measure_query_prior(runner: "ModelRunner", num_tokens: int = CALIBRATION_TOKENS,
-                        seed: int = CALIBRATION_SEED) -> torch.Tensor:
-    """Run one prefill of ``num_tokens`` seeded random ids through ``runner``'s model (on
-    every tensor-parallel rank at once, as at start-up) and return this rank's query prior
-    ``[num_layers, num_kv_heads, head_dim]``. The pass borrows a request row and KV slots
-    and gives them back."""
-    cfg = runner.model_config
-    n = max(1, min(num_tokens, runner.context_len, runner.max_total_num_tokens))
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, cfg.vocab_size, (n,), generator=gen)
+def observed_prefill(runner: "ModelRunner", input_ids: torch.Tensor, observer: QueryObserver,
+                     inspect: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+    """Prefill ``input_ids`` once through ``runner``'s model outside the scheduler, with
+    ``observer`` seeing every layer's queries; ``inspect(slots)`` may read the K/V the pass
+    wrote before its request row and KV slots are given back."""
+    n = int(input_ids.numel())
     req_idx = runner.req_to_token_pool.alloc()
     slots = runner.token_to_kv_pool_allocator.alloc(n)
     if req_idx is None or slots is None:
-        raise RuntimeError("no KV memory free for the query-prior calibration pass")
+        if req_idx is not None:
+            runner.req_to_token_pool.free(req_idx)
+        raise RuntimeError(f"no KV memory free for a {n}-token observed prefill")
     try:
         runner.req_to_token_pool.req_to_token[req_idx, :n] = slots.to(torch.int32)
-        observer = QueryMeanObserver(cfg.num_hidden_layers, runner.num_kv_heads, cfg.head_dim,
-                                     runner.device)
         batch = ForwardBatch(
             forward_mode=ForwardMode.EXTEND, batch_size=1, input_ids=input_ids,
             positions=torch.arange(n), out_cache_loc=slots, req_pool_indices=[req_idx],
@@ -79,8 +74,25 @@ def measure_query_prior(runner: "ModelRunner", num_tokens: int = CALIBRATION_TOK
             token_to_kv_pool=runner.token_to_kv_pool, attn_backend=runner.attn_backend,
             query_observer=observer)
         runner._forward_hidden(batch)
+        if inspect is not None:
+            inspect(slots)
     finally:
         runner.token_to_kv_pool_allocator.free(slots)
         runner.req_to_token_pool.free(req_idx)
+
+
+def measure_query_prior(runner: "ModelRunner", num_tokens: int = CALIBRATION_TOKENS,
+                        seed: int = CALIBRATION_SEED) -> torch.Tensor:
+    """Run one prefill of ``num_tokens`` seeded random ids through ``runner``'s model (on
+    every tensor-parallel rank at once, as at start-up) and return this rank's query prior
+    ``[num_layers, num_kv_heads, head_dim]``."""
+    cfg = runner.model_config
+    n = max(1, min(num_tokens, runner.context_len, runner.max_total_num_tokens))
+    t0 = time.perf_counter()
+    input_ids = torch.randint(0, cfg.vocab_size, (n,),
+                              generator=torch.Generator().manual_seed(seed))
+    observer = QueryMeanObserver(cfg.num_hidden_layers, runner.num_kv_heads, cfg.head_dim,
+                                 runner.device)
+    observed_prefill(runner, input_ids, observer)
     logger.info("Measured the query prior over %d tokens in %.2f s", n, time.perf_counter() - t0)
     return observer.mean()
