@@ -9,8 +9,9 @@ attention a typical query gives the cluster. The slot's size (the log(size) bias
 unchanged.
 
 On SmolLM2-135M this cuts the attention-output error of the centroids by a third or more
-at keep 0.5 to 0.1, whichever text the prior comes from; next-token KL falls 12-14% at keep
-0.5 but rises 7% at keep 0.1 (``docs/benchmarks.md``, "Query-weighted centroids").
+at keep 0.5 to 0.1, whichever text the prior comes from; next-token KL falls 9-14% at keep
+0.25-0.5 but rises 7% at keep 0.1, and needles far back in 8k prompts are lost more often
+(``docs/benchmarks.md``, "Query-weighted centroids").
 """
 
 from __future__ import annotations

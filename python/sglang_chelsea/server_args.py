@@ -375,8 +375,8 @@ class ServerArgs:
                        default=d.chelsea_query_weighting,
                        help="Weight each cluster member's K/V in its centroid by the attention "
                             "the model's mean query (measured once at start) gives it, instead "
-                            "of by its size alone (KL -12%% at keep 0.5, +7%% at keep 0.1: "
-                            "docs/benchmarks.md)")
+                            "of by its size alone (KL -9..-14%% at keep 0.25-0.5, +7%% at keep "
+                            "0.1, passkey at 8k worse: docs/benchmarks.md)")
         g.add_argument("--chelsea-recent-chunks", type=int, default=d.chelsea_recent_chunks,
                        help="Newest completed chunks kept raw (compressed once newer ones complete)")
         g.add_argument("--chelsea-kernel", type=str, default=d.chelsea_kernel,
