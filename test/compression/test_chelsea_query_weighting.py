@@ -124,3 +124,24 @@ def test_engine_centroids_equal_the_reference_merge(tiny_llama_dir: str, weighti
                 assert torch.allclose(got_v[layer][:, :m], ref_v, atol=1e-5)
     finally:
         engine.shutdown()
+
+
+def test_observed_prefill_without_a_request_row_gives_back_its_slots(tiny_llama_dir: str) -> None:
+    from sglang_chelsea.model_executor.query_prior import QueryMeanObserver, observed_prefill
+
+    engine = _chelsea(tiny_llama_dir)
+    try:
+        runner = engine.scheduler.model_runner
+        rows = runner.req_to_token_pool
+        taken = [rows.alloc() for _ in range(rows.available_size())]
+        free_before = runner.token_to_kv_pool_allocator.available_size()
+        pool = runner.token_to_kv_pool
+        observer = QueryMeanObserver(pool.num_layers, pool.num_kv_heads, pool.head_dim,
+                                     runner.device)
+        with pytest.raises(RuntimeError, match="no KV memory free"):
+            observed_prefill(runner, torch.arange(16), observer)
+        assert runner.token_to_kv_pool_allocator.available_size() == free_before
+        for idx in taken:
+            rows.free(idx)
+    finally:
+        engine.shutdown()

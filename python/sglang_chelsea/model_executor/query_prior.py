@@ -63,6 +63,8 @@ def observed_prefill(runner: "ModelRunner", input_ids: torch.Tensor, observer: Q
     if req_idx is None or slots is None:
         if req_idx is not None:
             runner.req_to_token_pool.free(req_idx)
+        if slots is not None:
+            runner.token_to_kv_pool_allocator.free(slots)
         raise RuntimeError(f"no KV memory free for a {n}-token observed prefill")
     try:
         runner.req_to_token_pool.req_to_token[req_idx, :n] = slots.to(torch.int32)
