@@ -117,6 +117,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             "other": other.mean()[layer][:, None].expand(h, n_hist, d),
             "random": random_prior[layer][:, None].expand(h, n_hist, d),
         }
+        logw = merged.sizes.clamp(min=1e-30).log()
+        full = [history_attention(q_groups[head, :, q_start:], k[head, :hist], v[head, :hist],
+                                  torch.zeros(hist), k[head, hist:], v[head, hist:], q_pos, hist)
+                for head in range(h)]
         for name in PRIORS:
             if name == "none":
                 ck, cv = merged.keys, merged.values
@@ -126,16 +130,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                     keys.reshape(-1, c, d), values.reshape(-1, c, d),
                     merged.assignment.reshape(-1, c), m, prior, d ** -0.5)
                 ck, cv = ck.view(n_hist, h, m, d), cv.view(n_hist, h, m, d)
-            logw = merged.sizes.clamp(min=1e-30).log()
             for head in range(h):
-                qq = q_groups[head, :, q_start:]
-                full = history_attention(qq, k[head, :hist], v[head, :hist],
-                                         torch.zeros(hist), k[head, hist:], v[head, hist:],
-                                         q_pos, hist)
-                comp = history_attention(qq, ck[:, head].reshape(-1, d), cv[:, head].reshape(-1, d),
-                                         logw[:, head].reshape(-1), k[head, hist:],
-                                         v[head, hist:], q_pos, hist)
-                err = ((comp - full).norm(dim=-1) ** 2 / full.norm(dim=-1) ** 2).mean()
+                comp = history_attention(q_groups[head, :, q_start:], ck[:, head].reshape(-1, d),
+                                         cv[:, head].reshape(-1, d), logw[:, head].reshape(-1),
+                                         k[head, hist:], v[head, hist:], q_pos, hist)
+                err = ((comp - full[head]).norm(dim=-1) ** 2
+                       / full[head].norm(dim=-1) ** 2).mean()
                 errors[name] += err.item() / (pool.num_layers * h)
     print("prior | relative squared error of the attention output")
     print("--- | ---")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import requests
-from utils.server_process import ServerProcess, launch_server_process
+from utils.server_process import ServerProcess, cli_args, launch_server_process
 
 from sglang_chelsea.entrypoints.engine import Engine
 
@@ -30,10 +30,6 @@ WORDS = ("river mountain quiet engine window garden silver market ancient bridge
 NUM_PREFIXES = 4
 FOLLOWERS = 3  # concurrent requests per prefix after the first one
 SAMPLING = {"max_new_tokens": 6, "temperature": 0}
-
-
-def cli_args(kwargs: dict[str, Any]) -> list[str]:
-    return [a for k, v in kwargs.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def make_prefix(k: int) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import requests
 import torch
-from utils.server_process import launch_server_process
+from utils.server_process import cli_args, launch_server_process
 
 from sglang_chelsea.distributed import parallel_state
 from sglang_chelsea.distributed.parallel_state import TPGroup, shard_range
@@ -72,18 +72,6 @@ def test_more_ranks_than_kv_heads_is_a_clear_error(tiny_llama_dir: str,
     with pytest.raises(ValueError, match="larger than the model's 2 KV heads"):
         model_runner.ModelRunner(ServerArgs(model_path=tiny_llama_dir, max_total_tokens=64))
     assert parallel_state.get_tp_group() is None
-
-
-def cli_args(kwargs: dict[str, Any]) -> list[str]:
-    """Engine keyword arguments as server flags (a bool as ``--flag`` / ``--no-flag``)."""
-    out = []
-    for key, value in kwargs.items():
-        flag = key.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(f"--{flag}" if value else f"--no-{flag}")
-        else:
-            out += [f"--{flag}", str(value)]
-    return out
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 READY_LINE = "ready to roll"
 
@@ -84,6 +85,18 @@ def wait_gone(pids: list[int], timeout: float) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"processes still alive: {[p for p in pids if pid_alive(p)]}")
         time.sleep(0.1)
+
+
+def cli_args(kwargs: dict[str, Any]) -> list[str]:
+    """Engine keyword arguments as server flags (a bool as ``--flag`` / ``--no-flag``)."""
+    out = []
+    for key, value in kwargs.items():
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            out += [f"--{flag}", str(value)]
+    return out
 
 
 def launch_server_process(args: list[str], log_path: Path, timeout: float = 240.0

@@ -191,11 +191,11 @@ class ChelseaCompressor(KVCompressor):
             # Centroids weighted by the attention the model's typical query gives each member.
             prior = self.query_prior[self.full_layers:].to(device)  # [L, H, D]
             prior = prior[:, :, None].expand(n_layers, h, n_chunks, d).reshape(-1, d)
-            result.keys, result.values = query_weighted_centroids(
+            new_keys, new_values = query_weighted_centroids(
                 keys.view(-1, c, d), values.view(-1, c, d), result.assignment.view(-1, c),
                 result.keys.shape[2], prior, d ** -0.5)
-            result.keys = result.keys.view(-1, 1, *result.keys.shape[1:])
-            result.values = result.values.view(-1, 1, *result.values.shape[1:])
+            result.keys, result.values = new_keys.view_as(result.keys), new_values.view_as(
+                result.values)
         # Slots kept per chunk: the most centroids any compressed layer/head needs (all C
         # when some layers stay raw).
         kept = result.num_kept.view(n_layers, h, n_chunks).amax(dim=(0, 1))  # [N]
