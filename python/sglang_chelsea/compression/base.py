@@ -145,6 +145,14 @@ class QueryObserver(ABC):
         ``scaling``: the layer's softmax scale."""
 
 
+def check_full_layers(flag: str, full_layers: int, num_layers: int) -> None:
+    """Raise ValueError when ``flag`` (a policy's count of leading uncompressed layers) leaves
+    no layer of the model to compress."""
+    if full_layers >= num_layers:
+        raise ValueError(f"{flag} {full_layers} leaves none of the model's {num_layers} layers "
+                         f"to compress: set it below {num_layers}")
+
+
 def page_slots(scheduler: "Scheduler", req: "Req", page: int) -> "torch.Tensor":
     """The slots that hold completed page ``page`` of ``req`` (int64)."""
     start = sum(req.page_lens[:page])

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 import torch.distributed as dist
 
-from sglang_chelsea.compression.base import (KVCompressor, SlotSelector, page_slots,
-    register_compressor, shrink_page)
+from sglang_chelsea.compression.base import (KVCompressor, SlotSelector, check_full_layers,
+    page_slots, register_compressor, shrink_page)
 from sglang_chelsea.compression.chelsea_recall import RecallSelector, RecallStore
 from sglang_chelsea.distributed.parallel_state import get_tp_group
 from sglang_chelsea.kernels.chunked_soft_matching import MergeResult, chunked_soft_matching
@@ -75,6 +75,7 @@ class ChelseaCompressor(KVCompressor):
 
     def bind(self, pool: "MHATokenToKVPool", allocator: "TokenToKVPoolAllocator",
              host_pool: Optional["HostKVPool"] = None) -> None:
+        check_full_layers("--chelsea-full-layers", self.full_layers, pool.num_layers)
         if self.recall_budget > 0:
             if host_pool is None:
                 raise ValueError("chelsea recall needs a host KV pool")

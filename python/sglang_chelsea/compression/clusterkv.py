@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sglang_chelsea.compression.base import (KVCompressor, Selection, SlotSelector,
-                                             register_compressor, shrink_page)
+                                             check_full_layers, register_compressor,
+                                             shrink_page)
 from sglang_chelsea.compression.clusterkv_batch import (BatchIndex, BatchPlan,
                                                         build_batch_index, plan_batch,
                                                         select_batch)
@@ -145,6 +146,7 @@ class ClusterKVPolicy(KVCompressor):
     # ------------------------------------------------------------------ lifetime
     def bind(self, pool: MHATokenToKVPool, allocator: TokenToKVPoolAllocator,
              host_pool: HostKVPool | None = None) -> None:
+        check_full_layers("--clusterkv-full-layers", self.full_layers, pool.num_layers)
         self.pool = pool
         self.allocator = allocator
         self.window_of_slot = torch.full((pool.size + 1,), -1, dtype=torch.int64)
