@@ -6,7 +6,7 @@ top-k/top-p, logprobs, prompt lists, shared long prefixes for radix hits), OpenA
 completions (streamed or not, n, JSON schema, logprobs), streams the client drops after a
 few events, requests cancelled by ``/abort_request``, and bad input (a negative
 temperature, a token id outside the vocabulary) that must be answered 400. Meanwhile it
-asks for ``/get_server_info`` and ``/flush_cache`` (400 while requests run, 200 in a lull).
+asks for ``/get_server_info`` and ``/flush_cache`` (400: requests are running).
 
 A failure is: any 5xx, a timeout or broken connection, a good request answered other than
 200 or a bad one answered other than 400; and at the end, once idle, KV slots held outside
@@ -40,6 +40,9 @@ class Soak:
     def __init__(self, base_url: str, seed: int, timeout_s: float) -> None:
         self.url = base_url.rstrip("/")
         self.rng = random.Random(seed)
+        # The side traffic draws from its own generator, so the request mix does not depend
+        # on how the side traffic interleaves with the requests.
+        self.admin_rng = random.Random(seed + 1)
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.prefixes = [self._words(self.rng.randint(50, 400)) for _ in range(4)]
         self.counts: Counter[str] = Counter()
@@ -151,10 +154,14 @@ class Soak:
             await self.post(session, "/generate", body, expect=200,
                             drop_after=2 if drop else None)
 
-    async def admin(self, session: aiohttp.ClientSession) -> None:
-        """Server info and cache flushes while requests run (until cancelled)."""
+    async def admin(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        """Server info and cache flushes while requests run, until ``stop`` is set."""
         while True:
-            await asyncio.sleep(self.rng.random() * 2)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.admin_rng.random() * 2)
+                return
+            except asyncio.TimeoutError:
+                pass
             async with session.post(self.url + "/flush_cache") as r:
                 self.counts[f"/flush_cache {r.status}"] += 1
             async with session.get(self.url + "/get_server_info") as r:
@@ -166,17 +173,22 @@ class Soak:
         async with session.get(self.url + "/get_server_info") as r:
             return (await r.json())["kv_cache"]
 
+    @staticmethod
+    def outside_radix(kv: dict[str, Any]) -> int:
+        """KV slots held by something other than the radix cache."""
+        return kv["used_slots"] - kv.get("radix_cache_slots", 0)
+
     async def check_idle(self, session: aiohttp.ClientSession, wait_s: float
                          ) -> dict[str, Any]:
         """Wait until every held slot belongs to the radix cache, flush, and check."""
         deadline = time.monotonic() + wait_s
         kv = await self.kv_cache(session)
-        while kv["used_slots"] != kv.get("radix_cache_slots", 0) and time.monotonic() < deadline:
+        while self.outside_radix(kv) and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
             kv = await self.kv_cache(session)
-        if kv["used_slots"] != kv.get("radix_cache_slots", 0):
-            self._fail(f"idle, yet {kv['used_slots']} slots are held and only "
-                       f"{kv.get('radix_cache_slots', 0)} belong to the radix cache")
+        if self.outside_radix(kv):
+            self._fail(f"idle, yet {self.outside_radix(kv)} of the {kv['used_slots']} slots "
+                       "held are outside the radix cache")
         async with session.post(self.url + "/flush_cache") as r:
             if r.status != 200:
                 self._fail(f"/flush_cache answered {r.status} on an idle server")
@@ -193,14 +205,21 @@ class Soak:
         start = time.monotonic()
         limit = asyncio.Semaphore(concurrency)
 
+        # The side traffic stops once the last `concurrency` requests start: while it runs
+        # the server always has requests, so its flushes answer 400 and none empties the
+        # cache that the end state reports.
+        stop = asyncio.Event()
+
         async def limited(session: aiohttp.ClientSession, i: int) -> None:
             async with limit:
+                if i >= num_requests - concurrency:
+                    stop.set()
                 await self.job(session, i)
 
         async with aiohttp.ClientSession() as session:
-            admin = asyncio.create_task(self.admin(session))
+            admin = asyncio.create_task(self.admin(session, stop))
             await asyncio.gather(*[limited(session, i) for i in range(num_requests)])
-            admin.cancel()
+            await admin
             end = await self.check_idle(session, wait_s=60)
         return {"requests": num_requests, "seconds": round(time.monotonic() - start, 1),
                 "counts": dict(sorted(self.counts.items())), **end,
