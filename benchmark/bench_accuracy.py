@@ -93,6 +93,7 @@ class Policy:
             "chelsea_min_similarity": float(self.args.get("sim", 0.0)),
             "chelsea_size_bias": bool(int(self.args.get("bias", 1))),
             "chelsea_query_weighting": bool(int(self.args.get("qw", 0))),
+            "chelsea_representative": self.args.get("rep", "mean"),
             "chelsea_sink_tokens": int(self.args.get("sink", 4)),
             "chelsea_recent_chunks": int(self.args.get("recent", 1)),
             "chelsea_recall_budget": int(self.args.get("recall", 0)),

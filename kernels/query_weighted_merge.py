@@ -12,6 +12,13 @@ On SmolLM2-135M this cuts the attention-output error of the centroids by a third
 at keep 0.5 to 0.1, whichever text the prior comes from; next-token KL falls 9-14% at keep
 0.25-0.5 but rises 7% at keep 0.1, and needles far back in 8k prompts are lost more often
 (``docs/benchmarks.md``, "Query-weighted centroids").
+
+``query_medoids`` is the other choice of what a slot holds: the one member the prior
+attends most, kept raw (the limit of the weighting above at an infinitely sharp
+softmax). Chelsea stores a medoid with weight 1, not its cluster's size: the medoid's key
+keeps its full norm, so the log(size) bias would count the cluster's mass twice. On
+SmolLM2-135M, medoids with a long raw window beat StreamingLLM's KL at equal memory,
+where means do not (``docs/benchmarks.md``, "Medoid representatives").
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["query_weighted_centroids"]
+__all__ = ["query_medoids", "query_weighted_centroids"]
 
 
 def query_weighted_centroids(
@@ -65,3 +72,37 @@ def query_weighted_centroids(
     out_v = torch.zeros(b, num_slots, dv, device=keys.device)
     out_v.scatter_add_(1, idx.expand(-1, -1, dv), norm.unsqueeze(-1) * values.float())
     return out_k.to(keys.dtype), out_v.to(values.dtype)
+
+
+def query_medoids(
+    keys: Tensor,
+    values: Tensor,
+    assignment: Tensor,
+    num_slots: int,
+    query: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Each cluster's medoid: the member with the largest logit ``query . k`` (ties: the
+    lowest position), its key and value unchanged.
+
+    Args and shapes as for ``query_weighted_centroids`` (no scale is needed: the argmax
+    does not depend on it).
+
+    Returns:
+        ``(keys [B, M, D], values [B, M, Dv])`` in the input dtype; a slot no token maps to
+        is zero.
+    """
+    b, c, d = keys.shape
+    logits = torch.bmm(keys.float(), query.float().unsqueeze(-1)).squeeze(-1)  # [B, C]
+    top = torch.full((b, num_slots), float("-inf"), device=keys.device)
+    top.scatter_reduce_(1, assignment, logits, "amax")
+    is_top = logits >= top.gather(1, assignment)
+    pos = torch.arange(c, device=keys.device).expand(b, c)
+    # The lowest top position of each slot; c marks a slot no token maps to.
+    first = torch.full((b, num_slots), c, dtype=torch.long, device=keys.device)
+    first.scatter_reduce_(1, assignment, torch.where(is_top, pos, c), "amin")
+    used = first < c
+    src = first.clamp(max=c - 1)
+    out_k = keys.gather(1, src.unsqueeze(-1).expand(-1, -1, d))
+    out_v = values.gather(1, src.unsqueeze(-1).expand(-1, -1, values.shape[-1]))
+    mask = used.unsqueeze(-1).to(keys.dtype)
+    return out_k * mask, out_v * mask.to(values.dtype)

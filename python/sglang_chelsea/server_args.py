@@ -88,6 +88,7 @@ class ServerArgs:
     chelsea_full_layers: int = 0
     chelsea_size_bias: bool = True
     chelsea_query_weighting: bool = False
+    chelsea_representative: str = "mean"
     chelsea_recent_chunks: int = 1
     chelsea_kernel: str = "torch"
     chelsea_recall_budget: int = 0
@@ -162,6 +163,12 @@ class ServerArgs:
             raise ValueError("chelsea_recall_budget must be >= 0 and hicache_ratio > 0")
         if self.chelsea_kernel not in ("torch", "triton"):
             raise ValueError(f"chelsea_kernel must be torch or triton, got {self.chelsea_kernel!r}")
+        if self.chelsea_representative not in ("mean", "medoid"):
+            raise ValueError("chelsea_representative must be mean or medoid, got "
+                             f"{self.chelsea_representative!r}")
+        if self.chelsea_representative == "medoid" and self.chelsea_query_weighting:
+            raise ValueError("--chelsea-query-weighting weights a mean: it does not apply to "
+                             "--chelsea-representative medoid (use one or the other)")
         if self.clusterkv_kernel not in ("torch", "triton"):
             raise ValueError(
                 f"clusterkv_kernel must be torch or triton, got {self.clusterkv_kernel!r}")
@@ -377,6 +384,12 @@ class ServerArgs:
                             "the model's mean query (measured once at start) gives it, instead "
                             "of by its size alone (KL -9..-14%% at keep 0.25-0.5, +7%% at keep "
                             "0.1, passkey at 8k worse: docs/benchmarks.md)")
+        g.add_argument("--chelsea-representative", type=str, default=d.chelsea_representative,
+                       choices=["mean", "medoid"],
+                       help="What a cluster's slot holds: the size-weighted mean of its "
+                            "members (with the log(size) bias), or its medoid, the member the "
+                            "model's mean query attends most, kept raw with weight 1 (lower "
+                            "KL with a long raw window, weaker passkey: docs/benchmarks.md)")
         g.add_argument("--chelsea-recent-chunks", type=int, default=d.chelsea_recent_chunks,
                        help="Newest completed chunks kept raw (compressed once newer ones complete)")
         g.add_argument("--chelsea-kernel", type=str, default=d.chelsea_kernel,

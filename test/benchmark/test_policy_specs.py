@@ -27,7 +27,8 @@ def test_unknown_policy_is_refused() -> None:
 
 @pytest.mark.parametrize("spec", ["streaming:keep=0.25,chunk=32", "snapkv:keep=0.2,chunk=64",
                                   "chelsea:keep=0.25,chunk=512,round=0.0625,recent=2",
-                                  "clusterkv:keep=0.25,tpc=16"])
+                                  "clusterkv:keep=0.25,tpc=16",
+                                  "chelsea:keep=0.04,chunk=64,recent=15,rep=medoid"])
 def test_every_spec_gives_valid_flags(spec: str) -> None:
     """Spec values arrive as strings; the engine flags they give are typed and valid."""
     args = parse_policy(spec).engine_args(4096)
@@ -39,3 +40,9 @@ def test_every_spec_gives_valid_flags(spec: str) -> None:
 def test_chelsea_query_weighting_spec() -> None:
     assert parse_policy("chelsea:keep=0.5,qw=1").engine_args(4096)["chelsea_query_weighting"]
     assert not parse_policy("chelsea:keep=0.5").engine_args(4096)["chelsea_query_weighting"]
+
+
+def test_chelsea_representative_spec() -> None:
+    assert parse_policy("chelsea:keep=0.5,rep=medoid").engine_args(4096)[
+        "chelsea_representative"] == "medoid"
+    assert parse_policy("chelsea:keep=0.5").engine_args(4096)["chelsea_representative"] == "mean"

@@ -1,7 +1,7 @@
-"""Chelsea's query-weighted centroids in the engine: the start-up query prior equals the
-mean post-RoPE query HF transformers computes on the same ids, and the centroids the
-engine writes into the pool equal the reference matcher + query-weighted merge applied to
-the raw keys a full-cache engine holds for the same chunk."""
+"""Chelsea's query-weighted centroids and medoids in the engine: the start-up query prior
+equals the mean post-RoPE query HF transformers computes on the same ids, and the slots the
+engine writes into the pool equal the reference matcher + query-weighted merge (or medoid
+pick) applied to the raw keys a full-cache engine holds for the same chunk."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from sglang_chelsea import Engine
 from sglang_chelsea.kernels.chunked_soft_matching import chunked_soft_matching
-from sglang_chelsea.kernels.query_weighted_merge import query_weighted_centroids
+from sglang_chelsea.kernels.query_weighted_merge import query_medoids, query_weighted_centroids
 from sglang_chelsea.model_executor.query_prior import CALIBRATION_SEED, CALIBRATION_TOKENS
 
 C = 32
@@ -88,8 +88,8 @@ def _chunk_kv(engine: Engine, ids: list[int], page: int
             [w[:, slots].clone() for w in pool.weight_buffer])
 
 
-@pytest.mark.parametrize("weighting", [True, False])
-def test_engine_centroids_equal_the_reference_merge(tiny_llama_dir: str, weighting: bool) -> None:
+@pytest.mark.parametrize("mode", ["weighted", "mean", "medoid"])
+def test_engine_centroids_equal_the_reference_merge(tiny_llama_dir: str, mode: str) -> None:
     ids = torch.randint(100, 40000, (3 * C + 5,),
                         generator=torch.Generator().manual_seed(3)).tolist()
     params = {"temperature": 0, "max_new_tokens": 1}
@@ -100,7 +100,9 @@ def test_engine_centroids_equal_the_reference_merge(tiny_llama_dir: str, weighti
         raw = [_chunk_kv(full, ids, 0), _chunk_kv(full, ids, 1)]
     finally:
         full.shutdown()
-    engine = _chelsea(tiny_llama_dir, chelsea_query_weighting=weighting, chunked_prefill_size=C)
+    engine = _chelsea(tiny_llama_dir, chelsea_query_weighting=mode == "weighted",
+                      chelsea_representative="medoid" if mode == "medoid" else "mean",
+                      chunked_prefill_size=C)
     try:
         engine.generate(input_ids=ids, sampling_params=params)
         compressor = engine.scheduler.kv_compressor
@@ -114,12 +116,21 @@ def test_engine_centroids_equal_the_reference_merge(tiny_llama_dir: str, weighti
                 ref = chunked_soft_matching(k[None], v[None], target=compressor.chunk_target(page),
                                             round_fraction=0.125, min_similarity=-1.0,
                                             protected=protected)
-                ref_k, ref_v = ref.keys[0], ref.values[0]
-                if weighting:
-                    ref_k, ref_v = query_weighted_centroids(
-                        k, v, ref.assignment[0], ref_k.shape[1], prior[layer], k.shape[-1] ** -0.5)
+                ref_k, ref_v, ref_w = ref.keys[0], ref.values[0], ref.sizes[0]
+                args = (k, v, ref.assignment[0], ref_k.shape[1], prior[layer] if prior is not None
+                        else None)
+                if mode == "weighted":
+                    ref_k, ref_v = query_weighted_centroids(*args, k.shape[-1] ** -0.5)
+                if mode == "medoid":
+                    ref_k, ref_v = query_medoids(*args)
+                    ref_w = (ref_w > 0).float()  # a medoid weighs 1, not its cluster's size
+                    # Every medoid is one of the chunk's raw rows, unchanged.
+                    for head in range(k.shape[0]):
+                        used = ref.sizes[0][head] > 0
+                        rows = got_k[layer][head, :ref_k.shape[1]][used]
+                        assert (rows[:, None] == k[head][None]).all(-1).any(-1).all()
                 m = ref_k.shape[1]
-                assert torch.equal(got_w[layer][:, :m], ref.sizes[0])
+                assert torch.equal(got_w[layer][:, :m], ref_w)
                 assert torch.allclose(got_k[layer][:, :m], ref_k, atol=1e-5)
                 assert torch.allclose(got_v[layer][:, :m], ref_v, atol=1e-5)
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_chelsea.kernels.query_weighted_merge import query_weighted_centroids
+from sglang_chelsea.kernels.query_weighted_merge import query_medoids, query_weighted_centroids
 
 
 def _case(b: int = 3, c: int = 12, d: int = 8, m: int = 5, seed: int = 0):
@@ -76,3 +76,32 @@ def test_half_precision_in_half_precision_out() -> None:
     assert out_k.dtype == out_v.dtype == torch.bfloat16
     assert torch.allclose(out_k.float(), ref_k, atol=2e-2)
     assert torch.allclose(out_v.float(), ref_v, atol=2e-2)
+
+
+def test_medoid_is_the_member_the_query_attends_most() -> None:
+    keys, values, assignment, m, query, _ = _case(seed=4)
+    out_k, out_v = query_medoids(keys, values, assignment, m, query)
+    for b in range(keys.shape[0]):
+        for slot in range(m):
+            members = (assignment[b] == slot).nonzero().flatten()
+            best = members[(keys[b, members] @ query[b]).argmax()]
+            assert torch.equal(out_k[b, slot], keys[b, best])
+            assert torch.equal(out_v[b, slot], values[b, best])
+
+
+def test_medoid_is_the_sharp_limit_of_the_weighted_centroid() -> None:
+    keys, values, assignment, m, query, _ = _case(seed=5)
+    sharp_k, sharp_v = query_weighted_centroids(keys, values, assignment, m, query, 1e5)
+    out_k, out_v = query_medoids(keys, values, assignment, m, query)
+    assert torch.allclose(out_k, sharp_k, atol=1e-4)
+    assert torch.allclose(out_v, sharp_v, atol=1e-4)
+
+
+def test_medoid_ties_take_the_lowest_position_and_empty_slots_are_zero() -> None:
+    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]])
+    values = torch.arange(8.0).view(1, 4, 2)
+    assignment = torch.tensor([[1, 1, 0, 1]])  # slot 2 gets no member
+    out_k, out_v = query_medoids(keys, values, assignment, 3, torch.tensor([[1.0, 0.0]]))
+    assert torch.equal(out_v[0, 1], values[0, 0])  # positions 0 and 1 tie: 0 wins
+    assert torch.equal(out_v[0, 0], values[0, 2])
+    assert torch.equal(out_k[0, 2], torch.zeros(2)) and torch.equal(out_v[0, 2], torch.zeros(2))

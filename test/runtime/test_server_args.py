@@ -19,6 +19,9 @@ from sglang_chelsea.server_args import ServerArgs, prepare_server_args
     ({"chat_template": 3}, "chat_template must be None or a str"),
     ({"reasoning_parser": "o1"}, "unknown reasoning parser 'o1'"),
     ({"tool_call_parser": "gpt"}, "tool_call_parser must be one of"),
+    ({"chelsea_representative": "median"}, "chelsea_representative must be mean or medoid"),
+    ({"chelsea_representative": "medoid", "chelsea_query_weighting": True},
+     "does not apply to --chelsea-representative medoid"),
 ])
 def test_keyword_types_are_checked(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

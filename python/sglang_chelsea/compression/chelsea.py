@@ -8,7 +8,9 @@ slot list is compacted.
 Each slot's weight (per layer, KV head) is its cluster size (0 for a padding slot), and
 attention adds log(weight) when the size bias is on. A centroid is the mean of its
 members' K and V, each member weighted by the attention the model's query prior gives it
-(``--chelsea-query-weighting``) or by its size alone (the default).
+(``--chelsea-query-weighting``) or by its size alone (the default). With
+``--chelsea-representative medoid`` a slot holds instead the one member the query prior
+attends most, raw, with weight 1.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from sglang_chelsea.compression.base import (KVCompressor, SlotSelector, check_f
 from sglang_chelsea.compression.chelsea_recall import RecallSelector, RecallStore
 from sglang_chelsea.distributed.parallel_state import get_tp_group
 from sglang_chelsea.kernels.chunked_soft_matching import MergeResult, chunked_soft_matching
-from sglang_chelsea.kernels.query_weighted_merge import query_weighted_centroids
+from sglang_chelsea.kernels.query_weighted_merge import query_medoids, query_weighted_centroids
 from sglang_chelsea.mem_cache.memory_pool import head_rows
 
 if TYPE_CHECKING:
@@ -49,7 +51,8 @@ class ChelseaCompressor(KVCompressor):
         self.sink_tokens = server_args.chelsea_sink_tokens
         self.full_layers = server_args.chelsea_full_layers
         self.size_bias = server_args.chelsea_size_bias
-        self.wants_query_prior = server_args.chelsea_query_weighting
+        self.medoids = server_args.chelsea_representative == "medoid"
+        self.wants_query_prior = server_args.chelsea_query_weighting or self.medoids
         self.query_prior: Optional[torch.Tensor] = None  # [layers, kv_heads, head_dim]
         self.recent_chunks = server_args.chelsea_recent_chunks
         self.kernel = server_args.chelsea_kernel
@@ -189,12 +192,14 @@ class ChelseaCompressor(KVCompressor):
             round_fraction=self.round_fraction, min_similarity=self.min_similarity,
             protected=protected.to(device).repeat(n_layers * h, 1))
         if self.query_prior is not None:
-            # Centroids weighted by the attention the model's typical query gives each member.
+            # Each slot from the attention the model's typical query gives each member: the
+            # member it attends most (medoids) or the members weighted by it.
             prior = self.query_prior[self.full_layers:].to(device)  # [L, H, D]
             prior = prior[:, :, None].expand(n_layers, h, n_chunks, d).reshape(-1, d)
-            new_keys, new_values = query_weighted_centroids(
-                keys.view(-1, c, d), values.view(-1, c, d), result.assignment.view(-1, c),
-                result.keys.shape[2], prior, d ** -0.5)
+            args = (keys.view(-1, c, d), values.view(-1, c, d), result.assignment.view(-1, c),
+                    result.keys.shape[2], prior)
+            new_keys, new_values = (query_medoids(*args) if self.medoids
+                                    else query_weighted_centroids(*args, d ** -0.5))
             result.keys, result.values = new_keys.view_as(result.keys), new_values.view_as(
                 result.values)
         # Slots kept per chunk: the most centroids any compressed layer/head needs (all C
@@ -216,7 +221,8 @@ class ChelseaCompressor(KVCompressor):
                          kept: torch.Tensor, result: "MergeResult") -> None:
         """Write each chunk's centroids into the first of its ``kept`` slots, one scatter
         per layer; kept slots past a compressed layer's centroids get weight 0 (padding),
-        and the raw layers' kept slots weight 1."""
+        and the raw layers' kept slots weight 1. Medoids, and every slot when the size bias
+        is off, weigh 1."""
         n_chunks, c = slots.shape
         h, d = pool.num_kv_heads, pool.head_dim
         n_layers = len(layers)
@@ -233,7 +239,7 @@ class ChelseaCompressor(KVCompressor):
         out_k = result.keys.view(n_layers, h, n_chunks, m_max, d)
         out_v = result.values.view(n_layers, h, n_chunks, m_max, -1)
         out_w = result.sizes.view(n_layers, h, n_chunks, m_max)
-        if not self.size_bias:
+        if self.medoids or not self.size_bias:
             out_w = (out_w > 0).to(out_w.dtype)
         for j, layer in enumerate(layers):
             pool.k_buffer[layer][:, dst] = out_k[j][:, n_idx, m_idx].to(pool.dtype)
