@@ -72,3 +72,44 @@ def test_recall_keeps_passkey_at_keep_0_2(default_model_path: str) -> None:
         prompt = passkey_prompt(engine.tokenizer, key, 2000, depth)
         assert str(key) in engine.generate(prompt, sampling_params=params)["text"]
     engine.shutdown()
+
+
+@pytest.mark.parametrize("slot_args", [{"chelsea_representative": "medoid"},
+                                       {"chelsea_size_bias": False},
+                                       {}])
+def test_a_recalled_centroid_brings_all_its_members_within_the_budget(
+        tiny_llama_dir: str, monkeypatch: pytest.MonkeyPatch, slot_args: dict) -> None:
+    """The budget counts member tokens, whatever weight the pool gives a slot (1 for a
+    medoid or without the size bias): every centroid masked for a query head has all its
+    members recalled for that head, and no head recalls more than the budget."""
+    import torch
+
+    from sglang_chelsea.compression import chelsea_recall
+
+    budget, checked = 24, []
+    select = chelsea_recall.RecallSelector.select
+
+    def checked_select(self, layer_id, i, q, n_slots):
+        sel = select(self, layer_id, i, q, n_slots)
+        if sel is not None:
+            index = self.indexes[i]
+            n_q = q.shape[1]
+            kv_head = torch.arange(n_q) // (n_q // self.store.pool.num_kv_heads)
+            member = index.member[layer_id - self.first_layer][kv_head]  # [Hq, T]
+            live = sel.log_weight[:, index.cent_pos] > float("-inf")
+            dead = index.sizes[layer_id - self.first_layer][kv_head] == 0
+            masked = ~live & ~dead  # centroids replaced by their members
+            want = masked.gather(1, member).sum(1)
+            got = (sel.host_log_weight == 0).sum(1)
+            assert torch.equal(got, want) and int(got.max()) <= budget
+            checked.append(int(got.sum()))
+        return sel
+
+    monkeypatch.setattr(chelsea_recall.RecallSelector, "select", checked_select)
+    engine = _engine(tiny_llama_dir, chelsea_recall_budget=budget, chunked_prefill_size=64,
+                     **slot_args)
+    try:
+        engine.generate(input_ids=random_ids(200, 1), sampling_params=GREEDY)
+    finally:
+        engine.shutdown()
+    assert checked and sum(checked) > 0

@@ -31,6 +31,7 @@ MODES = {"none": {}, "chelsea": {"kv_compression": "chelsea", "chelsea_chunk_siz
                                  "chelsea_min_similarity": 0.8}}
 # Each rank measures the query prior of its own KV heads in a start-up pass of its own.
 MODES["chelsea_query_weighting"] = {**MODES["chelsea"], "chelsea_query_weighting": True}
+MODES["chelsea_medoid"] = {**MODES["chelsea"], "chelsea_representative": "medoid"}
 
 
 def test_shard_range_covers_everything_unevenly() -> None:

@@ -7,8 +7,8 @@ layer and KV head (a :class:`RecallEntry`, keyed by the centroid slots it belong
 radix hit on a compressed prefix finds it; dropped when those slots are freed). At each
 decode step, and in each prefill chunk over the compressed prefix,
 per layer and query head, every centroid of the request is ranked by its biased logit
-``q . k * scale + log(size)`` (in a prefill chunk, e.g. the question after a long
-document, with the chunk's last query); centroids are taken in that order while their members fit in
+``q . k * scale + log(size)``, size being its member count (in a prefill chunk, e.g. the
+question after a long document, with the chunk's last query); centroids are taken in that order while their members fit in
 ``N`` tokens; for those, the raw members are attended (from the host tier) and the centroid
 is masked, never both. Everything else (sinks, raw recent chunks, other centroids) is
 attended as stored.
@@ -102,6 +102,7 @@ class ReqRecallIndex:
     cent_pos: torch.Tensor  # [M] row positions of the recallable centroid slots
     member: torch.Tensor  # [L', kv_heads, T] each raw token's centroid, in 0..M-1
     host_slots: torch.Tensor  # [T]
+    sizes: torch.Tensor  # [L', kv_heads, M] float32: members per centroid (0: padding slot)
 
 
 def build_req_index(store: RecallStore, row: torch.Tensor, req: "Req") -> Optional[ReqRecallIndex]:
@@ -119,8 +120,13 @@ def build_req_index(store: RecallStore, row: torch.Tensor, req: "Req") -> Option
         start += m
     if not cent_pos:
         return None
-    return ReqRecallIndex(req.compressed_pages, torch.cat(cent_pos), torch.cat(members, dim=2),
-                          torch.cat(hosts))
+    member = torch.cat(members, dim=2)
+    # Counted from the members, not read from the pool's weights: those are 1 for medoids
+    # and without the size bias, and the budget is in member tokens.
+    sizes = torch.zeros(*member.shape[:2], offset).scatter_add_(
+        2, member, torch.ones(member.shape))
+    return ReqRecallIndex(req.compressed_pages, torch.cat(cent_pos), member, torch.cat(hosts),
+                          sizes)
 
 
 class RecallSelector(SlotSelector):
@@ -161,13 +167,13 @@ class RecallSelector(SlotSelector):
         cent_rows = head_rows(kv_head, row[cent_pos].expand(n_q, -1), width)
         k_cent = pool.k_buffer[layer_id].view(-1, dim).index_select(0, cent_rows)
         k_cent = k_cent.view(n_q, -1, dim)  # [Hq, M, D]
-        sizes = log_w[:, cent_pos].exp()  # [Hq, M]
+        sizes = index.sizes[layer_id - self.first_layer].to(dev)[kv_head]  # [Hq, M]
         # A prefill chunk ranks the centroids by its last query, the one whose attention
         # predicts the next token (e.g. the end of a question after a long document); the
         # best logit over all of the chunk's queries spread the budget over what any of them
         # wanted and lost passkeys (docs/benchmarks.md).
         logits = torch.einsum("hd,hmd->hm", q[-1].float(), k_cent.float())
-        score = logits * dim ** -0.5 + log_w[:, cent_pos]
+        score = logits * dim ** -0.5 + torch.log(sizes)
         # Only the best `budget` centroids can fit (each live one holds >= 1 token; a dead
         # one, size 0, scores -inf and has no members): a top-k instead of a full sort.
         order = torch.topk(score, min(self.budget, score.shape[1]), dim=-1).indices
