@@ -479,4 +479,7 @@ def prepare_server_args(argv: Optional[list[str]] = None) -> ServerArgs:
         prog="python -m sglang_chelsea.launch_server",
         description="Launch the sglang-chelsea HTTP server (SGLang native + OpenAI APIs).")
     ServerArgs.add_cli_args(parser)
-    return ServerArgs.from_cli_args(parser.parse_args(argv))
+    try:
+        return ServerArgs.from_cli_args(parser.parse_args(argv))
+    except ValueError as e:  # a bad value or combination of flags: argparse's usage error
+        parser.error(str(e))

@@ -59,3 +59,12 @@ def test_page_size_conflicting_with_a_kv_policy_is_named() -> None:
     args = ServerArgs.from_kwargs(device="cpu", kv_compression="clusterkv", page_size=64,
                                   chelsea_chunk_size=64, clusterkv_window=64)
     assert args.effective_page_size == 64
+
+
+def test_a_bad_flag_combination_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
+    """The launcher reports a value ServerArgs refuses as argparse does a bad flag: the
+    message on stderr and exit status 2, no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        prepare_server_args(["--kv-compression", "chelsea", "--chelsea-keep-ratio", "2"])
+    assert exc.value.code == 2
+    assert "error: chelsea_keep_ratio must be in (0, 1]" in capsys.readouterr().err
