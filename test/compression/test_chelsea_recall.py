@@ -97,7 +97,8 @@ def test_a_recalled_centroid_brings_all_its_members_within_the_budget(
             kv_head = torch.arange(n_q) // (n_q // self.store.pool.num_kv_heads)
             member = index.member[layer_id - self.first_layer][kv_head]  # [Hq, T]
             live = sel.log_weight[:, index.cent_pos] > float("-inf")
-            dead = index.sizes[layer_id - self.first_layer][kv_head] == 0
+            # Padding centroids: no member maps to them (counted here, not read from the index).
+            dead = torch.zeros(live.shape).scatter_add_(1, member, torch.ones(member.shape)) == 0
             masked = ~live & ~dead  # centroids replaced by their members
             want = masked.gather(1, member).sum(1)
             got = (sel.host_log_weight == 0).sum(1)

@@ -8,9 +8,9 @@ radix hit on a compressed prefix finds it; dropped when those slots are freed). 
 decode step, and in each prefill chunk over the compressed prefix,
 per layer and query head, every centroid of the request is ranked by its biased logit
 ``q . k * scale + log(size)``, size being its member count (in a prefill chunk, e.g. the
-question after a long document, with the chunk's last query); centroids are taken in that order while their members fit in
-``N`` tokens; for those, the raw members are attended (from the host tier) and the centroid
-is masked, never both. Everything else (sinks, raw recent chunks, other centroids) is
+question after a long document, with the chunk's last query); centroids are taken in that
+order while their members fit in ``N`` tokens; for those, the raw members are attended (from
+the host tier) and the centroid is masked, never both. Everything else (sinks, raw recent chunks, other centroids) is
 attended as stored.
 """
 
