@@ -5,6 +5,8 @@
         --output results/accuracy.json --plot docs/img/accuracy_vs_kv.png
 
 Policy specs: ``none``; ``chelsea:keep=R,round=F,sim=S,chunk=C,bias=0|1,sink=N,recent=W``;
+``chelsea:...,window=F`` in place of ``recent=W`` keeps F x context tokens raw (rounded to
+whole chunks, at least one), scaling with the context as streaming's window does;
 ``chelsea:...,recall=N`` adds recall of N raw tokens per query head from the host tier;
 ``clusterkv:keep=R,tpc=T,window=W,sink=N,full=F`` (a decode budget of R x context tokens;
 ``offload=1`` adds ``--kv-offload``, ``host=H`` its ``--hicache-ratio``);
@@ -86,16 +88,22 @@ class Policy:
                     "clusterkv_full_layers": int(self.args.get("full", 2)),
                     "kv_offload": bool(int(self.args.get("offload", 0))),
                     "hicache_ratio": float(self.args.get("host", 4.0))}
+        chunk = int(self.args.get("chunk", 128))
+        recent = int(self.args.get("recent", 1))
+        if "window" in self.args:
+            if "recent" in self.args:
+                raise ValueError(f"{self.spec!r}: give recent=W or window=F, not both")
+            recent = max(1, round(float(self.args["window"]) * context_len / chunk))
         return {
             "kv_compression": "chelsea", "chelsea_keep_ratio": self.keep,
-            "chelsea_chunk_size": int(self.args.get("chunk", 128)),
+            "chelsea_chunk_size": chunk,
             "chelsea_round_fraction": float(self.args.get("round", 0.125)),
             "chelsea_min_similarity": float(self.args.get("sim", 0.0)),
             "chelsea_size_bias": bool(int(self.args.get("bias", 1))),
             "chelsea_query_weighting": bool(int(self.args.get("qw", 0))),
             "chelsea_representative": self.args.get("rep", "mean"),
             "chelsea_sink_tokens": int(self.args.get("sink", 4)),
-            "chelsea_recent_chunks": int(self.args.get("recent", 1)),
+            "chelsea_recent_chunks": recent,
             "chelsea_recall_budget": int(self.args.get("recall", 0)),
         }
 

@@ -46,3 +46,16 @@ def test_chelsea_representative_spec() -> None:
     assert parse_policy("chelsea:keep=0.5,rep=medoid").engine_args(4096)[
         "chelsea_representative"] == "medoid"
     assert parse_policy("chelsea:keep=0.5").engine_args(4096)["chelsea_representative"] == "mean"
+
+
+def test_chelsea_window_spec_scales_the_raw_chunks_with_the_context() -> None:
+    """window=F keeps about F x context tokens raw, in whole chunks, as streaming:keep=F."""
+    spec = parse_policy("chelsea:keep=0.08,chunk=64,window=0.1875,recall=384")
+    assert [spec.engine_args(n)["chelsea_recent_chunks"] for n in (2048, 4096, 8160)] == \
+        [6, 12, 24]
+    assert parse_policy("chelsea:keep=0.1,window=0.01").engine_args(2048)[
+        "chelsea_recent_chunks"] == 1
+    assert parse_policy("chelsea:keep=0.1,chunk=64,recent=3").engine_args(8160)[
+        "chelsea_recent_chunks"] == 3
+    with pytest.raises(ValueError, match="not both"):
+        parse_policy("chelsea:keep=0.1,recent=3,window=0.2").engine_args(4096)
