@@ -25,6 +25,13 @@ if TYPE_CHECKING:
     from sglang_chelsea.mem_cache.memory_pool import MHATokenToKVPool
 
 
+def host_kv_bytes_per_slot(num_layers: int, num_kv_heads: int, head_dim: int,
+                           dtype: torch.dtype) -> int:
+    """Bytes one host-tier slot holds: K and V of every layer and KV head (no weight)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return num_layers * num_kv_heads * 2 * head_dim * elem
+
+
 class HostKVPool:
     """Raw K/V of compressed or offloaded tokens, per layer, in host memory."""
 
@@ -47,8 +54,8 @@ class HostKVPool:
 
     def bytes_per_slot(self) -> int:
         """Bytes one host slot holds (K and V, every layer and KV head)."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * self.num_kv_heads * 2 * self.head_dim * elem
+        return host_kv_bytes_per_slot(self.num_layers, self.num_kv_heads, self.head_dim,
+                                      self.dtype)
 
     def store(self, pool: MHATokenToKVPool, slots: torch.Tensor, layers: range
               ) -> torch.Tensor | None:

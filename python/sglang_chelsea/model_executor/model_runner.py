@@ -23,7 +23,7 @@ from sglang_chelsea.attention.torch_backend import TorchNativeAttnBackend
 from sglang_chelsea.compression.base import create_compressor
 from sglang_chelsea.configs.model_config import ModelConfig
 from sglang_chelsea.distributed.parallel_state import get_tp_group, shard_range
-from sglang_chelsea.mem_cache.host_pool import HostKVPool
+from sglang_chelsea.mem_cache.host_pool import HostKVPool, host_kv_bytes_per_slot
 from sglang_chelsea.mem_cache.memory_pool import (
     MHATokenToKVPool,
     ReqToTokenPool,
@@ -195,12 +195,10 @@ class ModelRunner:
         # CUDA graph is captured with or without them).
         self.kv_compressor = create_compressor(server_args)
         self.host_pool: Optional[HostKVPool] = None
-        if server_args.kv_offload or (server_args.kv_compression == "chelsea"
-                                      and server_args.chelsea_recall_budget > 0):
+        if self.host_tier_size:
             cfg = self.model_config
-            self.host_pool = HostKVPool(int(self.max_total_num_tokens * server_args.hicache_ratio),
-                                        cfg.num_hidden_layers, cfg.num_key_value_heads,
-                                        cfg.head_dim, self.dtype)
+            self.host_pool = HostKVPool(self.host_tier_size, cfg.num_hidden_layers,
+                                        cfg.num_key_value_heads, cfg.head_dim, self.dtype)
         if self.kv_compressor is not None:
             self.kv_compressor.bind(self.token_to_kv_pool, self.token_to_kv_pool_allocator,
                                     self.host_pool)
@@ -227,22 +225,51 @@ class ModelRunner:
                             server_args.kv_compression)
 
     def _init_memory_pool(self) -> None:
+        """Size and allocate the device KV pool; size the host tier (recall, offload).
+
+        On the CPU both live in the same memory, so ``--mem-fraction-static`` covers the
+        device pool and its ``--hicache-ratio`` host tier together; either way a host tier
+        that does not fit in the host memory available is refused with a clear error
+        rather than left to the kernel's OOM killer."""
         args, cfg = self.server_args, self.model_config
         per_slot = kv_bytes_per_slot(cfg.num_hidden_layers, self.num_kv_heads,
                                      cfg.head_dim, self.dtype)
+        wants_host_tier = args.kv_offload or (args.kv_compression == "chelsea"
+                                              and args.chelsea_recall_budget > 0)
+        host_per_slot = host_kv_bytes_per_slot(cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                               cfg.head_dim, self.dtype)
+        ratio = args.hicache_ratio if wants_host_tier else 0.0
+        shared_memory = self.device.type == "cpu"
         if args.max_total_tokens is not None:
             size = args.max_total_tokens
         else:
-            size = int(available_memory_bytes(args.device) * args.mem_fraction_static) // per_slot
+            slot_cost = per_slot + (ratio * host_per_slot if shared_memory else 0.0)
+            size = int(available_memory_bytes(args.device) * args.mem_fraction_static
+                       // slot_cost)
             size = max(size, 16)
             if self.tp_group is not None:  # slot numbers are shared: the smallest pool wins
                 size = int(self.tp_group.all_reduce_cpu(torch.tensor([size]), dist.ReduceOp.MIN))
         self.max_total_num_tokens = size
+        self.host_tier_size = max(1, int(size * ratio)) if wants_host_tier else 0
+        if self.host_tier_size:
+            need = self.host_tier_size * host_per_slot + (size * per_slot if shared_memory else 0)
+            have = available_memory_bytes("cpu")
+            if need > have:
+                raise ValueError(
+                    f"the host KV tier (--hicache-ratio {args.hicache_ratio:g}: "
+                    f"{self.host_tier_size} slots, {self.host_tier_size * host_per_slot / 2**30:.1f}"
+                    f" GiB)" + (f" and the KV pool ({size * per_slot / 2**30:.1f} GiB)"
+                                if shared_memory else "")
+                    + f" need {need / 2**30:.1f} GiB of host memory, but {have / 2**30:.1f} GiB"
+                    " is available: lower --hicache-ratio or --max-total-tokens")
         self.req_to_token_pool = ReqToTokenPool(args.max_running_requests + 1, self.context_len + 1)
         self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(size)
         self.token_to_kv_pool = MHATokenToKVPool(size, cfg.num_hidden_layers, self.num_kv_heads,
                                                  cfg.head_dim, self.dtype, device=self.device)
         logger.info("KV pool: %d slots, %.1f MB", size, size * per_slot / 2**20)
+        if self.host_tier_size:
+            logger.info("Host KV tier: %d slots, %.1f MB", self.host_tier_size,
+                        self.host_tier_size * host_per_slot / 2**20)
 
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch) -> torch.Tensor:
