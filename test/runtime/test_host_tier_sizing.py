@@ -2,8 +2,8 @@
 
 On the CPU the device pool and the host tier share one memory: ``--mem-fraction-static``
 covers both. A host tier that cannot fit is refused at start with a clear error (before,
-``--chelsea-recall-budget`` with the defaults allocated 5x the pool's fraction and the
-kernel killed the scheduler on the first request).
+``--chelsea-recall-budget`` with the defaults took 5x the pool's fraction, and the kernel
+killed the scheduler).
 """
 
 from __future__ import annotations
