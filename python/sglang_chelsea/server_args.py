@@ -266,6 +266,13 @@ class ServerArgs:
             self.kv_compression == "chelsea" and self.chelsea_recall_budget > 0)
 
     @property
+    def uses_host_tier(self) -> bool:
+        """Whether the KV policy keeps raw K/V in the host tier (``--hicache-ratio`` x the
+        device pool): chelsea recall and ``--kv-offload``."""
+        return self.kv_offload or (self.kv_compression == "chelsea"
+                                   and self.chelsea_recall_budget > 0)
+
+    @property
     def effective_page_size(self) -> int:
         """Radix page size: with a KV policy on, a page is a compression chunk; with
         ``--kv-offload``, a ClusterKV window (the unit that moves to the host tier)."""

@@ -234,11 +234,9 @@ class ModelRunner:
         args, cfg = self.server_args, self.model_config
         per_slot = kv_bytes_per_slot(cfg.num_hidden_layers, self.num_kv_heads,
                                      cfg.head_dim, self.dtype)
-        wants_host_tier = args.kv_offload or (args.kv_compression == "chelsea"
-                                              and args.chelsea_recall_budget > 0)
         host_per_slot = host_kv_bytes_per_slot(cfg.num_hidden_layers, cfg.num_key_value_heads,
                                                cfg.head_dim, self.dtype)
-        ratio = args.hicache_ratio if wants_host_tier else 0.0
+        ratio = args.hicache_ratio if args.uses_host_tier else 0.0
         shared_memory = self.device.type == "cpu"
         if args.max_total_tokens is not None:
             size = args.max_total_tokens
@@ -250,7 +248,7 @@ class ModelRunner:
             if self.tp_group is not None:  # slot numbers are shared: the smallest pool wins
                 size = int(self.tp_group.all_reduce_cpu(torch.tensor([size]), dist.ReduceOp.MIN))
         self.max_total_num_tokens = size
-        self.host_tier_size = max(1, int(size * ratio)) if wants_host_tier else 0
+        self.host_tier_size = max(1, int(size * ratio)) if args.uses_host_tier else 0
         if self.host_tier_size:
             need = self.host_tier_size * host_per_slot + (size * per_slot if shared_memory else 0)
             have = available_memory_bytes("cpu")
