@@ -35,6 +35,14 @@ def first_token_logprobs(engine: Any, prompt: str, top: int) -> tuple[str, dict[
     return out["text"], {text: lp for lp, _, text in out["meta_info"]["output_top_logprobs"][0]}
 
 
+def _rounded(x: Optional[float]) -> Optional[float]:
+    return None if x is None else round(x, 3)
+
+
+def _shown(x: Optional[float], fmt: str) -> str:
+    return "below the top" if x is None else format(x, fmt)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +54,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="indices of the keys to run (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top", type=int, default=20,
-                        help="candidates returned per prompt (a missing one reads -inf)")
+                        help="candidates returned per prompt (one not among them reads null)")
     parser.add_argument("--output", type=str, default=None)
     parser.add_argument("--num-threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -63,12 +71,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                 greedy, lps = first_token_logprobs(
                     engine, passkey_prompt(engine.tokenizer, keys[i], args.context_len, depth),
                     args.top)
-                space, the = (lps.get(c, float("-inf")) for c in CANDIDATES)
+                space, the = (lps.get(c) for c in CANDIDATES)
                 row = {"policy": spec, "context_len": args.context_len, "seed": args.seed,
-                       "depth": round(depth, 3), "key": keys[i],
-                       "greedy": greedy,
-                       "logprob_space": round(space, 3), "logprob_the": round(the, 3),
-                       "margin": round(space - the, 3)}
+                       "depth": round(depth, 3), "key": keys[i], "greedy": greedy,
+                       "logprob_space": _rounded(space), "logprob_the": _rounded(the),
+                       "margin": None if space is None or the is None else round(space - the, 3)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         finally:
@@ -80,7 +87,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     print("--- | --- | --- | --- | --- | --- | ---")
     for r in rows:
         print(f"{r['policy']} | {r['depth']} | {r['key']} | {r['greedy']!r} | "
-              f"{r['logprob_space']:.2f} | {r['logprob_the']:.2f} | {r['margin']:+.2f}")
+              f"{_shown(r['logprob_space'], '.2f')} | {_shown(r['logprob_the'], '.2f')} | "
+              f"{_shown(r['margin'], '+.2f')}")
 
 
 if __name__ == "__main__":

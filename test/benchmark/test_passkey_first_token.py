@@ -22,3 +22,12 @@ def test_margin_is_the_space_against_the_word_the(tiny_llama_dir: str, tmp_path:
         assert r["logprob_space"] < 0 and r["logprob_the"] < 0
         assert math.isclose(r["margin"], r["logprob_space"] - r["logprob_the"], abs_tol=2e-3)
     assert rows[0]["key"] == rows[2]["key"] != rows[1]["key"]  # bench_accuracy's keys, per seed
+
+
+def test_a_candidate_outside_the_top_reads_null(tiny_llama_dir: str, tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    main(["--model-path", tiny_llama_dir, "--context-len", "300", "--num-keys", "1",
+          "--top", "1", "--output", str(out)])
+    (row,) = json.loads(out.read_text())
+    assert row["greedy"] not in (" ", " the")  # random weights; the top-1 is only the greedy
+    assert row["logprob_space"] is None and row["logprob_the"] is None and row["margin"] is None
