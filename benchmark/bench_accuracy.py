@@ -168,7 +168,8 @@ def peak_slots_during(engine: Engine, run: Callable[[], Any]) -> tuple[Any, int]
     return out, peak
 
 
-# The passkey task's answer in a fixed format: a space and five digits (SGLang's ``regex``).
+# The passkey task's answer in a fixed format: a space and the key's five digits (keys are
+# drawn from 10000-99999), as SGLang's ``regex`` sampling parameter.
 PASSKEY_DIGITS_REGEX = " [0-9]{5}"
 PASSKEY_FORMATS: dict[str, Optional[str]] = {"passkey": None, "passkey_digits": PASSKEY_DIGITS_REGEX}
 
@@ -331,7 +332,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", type=str, default=None)
     parser.add_argument("--policies", nargs="+", default=["none", "chelsea:keep=0.5"])
-    parser.add_argument("--tasks", nargs="+", default=["passkey", "kl"], choices=["passkey", "passkey_digits", "niah_multikey", "vt", "kl", "ppl"])
+    parser.add_argument("--tasks", nargs="+", default=["passkey", "kl"], choices=list(PANELS))
     parser.add_argument("--context-lens", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--num-keys", type=int, default=5,
                         help="cases per context length of passkey, niah_multikey and vt")
