@@ -106,7 +106,8 @@ class ReqRecallIndex:
 
 
 def build_req_index(store: RecallStore, row: torch.Tensor, req: "Req") -> Optional[ReqRecallIndex]:
-    """Collect the entries of ``req``'s compressed pages."""
+    """Collect the entries of ``req``'s compressed pages, on the pool's device (the index is
+    read by every layer of every step until more pages compress)."""
     cent_pos, members, hosts = [], [], []
     start = offset = 0
     for page in range(req.compressed_pages):
@@ -125,8 +126,9 @@ def build_req_index(store: RecallStore, row: torch.Tensor, req: "Req") -> Option
     # and without the size bias, and the budget is in member tokens.
     sizes = torch.zeros(*member.shape[:2], offset).scatter_add_(
         2, member, torch.ones(member.shape))
-    return ReqRecallIndex(req.compressed_pages, torch.cat(cent_pos), member, torch.cat(hosts),
-                          sizes)
+    dev = store.pool.k_buffer[0].device
+    return ReqRecallIndex(req.compressed_pages, torch.cat(cent_pos).to(dev), member.to(dev),
+                          torch.cat(hosts).to(dev), sizes.to(dev))
 
 
 class RecallSelector(SlotSelector):
@@ -163,11 +165,11 @@ class RecallSelector(SlotSelector):
         flat = head_rows(kv_head, row.expand(n_q, -1), width)
         log_w = torch.log(pool.weight_buffer[layer_id].view(-1).index_select(0, flat)
                           ).view(n_q, -1)  # [Hq, P]
-        cent_pos = index.cent_pos.to(dev)
+        cent_pos = index.cent_pos
         cent_rows = head_rows(kv_head, row[cent_pos].expand(n_q, -1), width)
         k_cent = pool.k_buffer[layer_id].view(-1, dim).index_select(0, cent_rows)
         k_cent = k_cent.view(n_q, -1, dim)  # [Hq, M, D]
-        sizes = index.sizes[layer_id - self.first_layer].to(dev)[kv_head]  # [Hq, M]
+        sizes = index.sizes[layer_id - self.first_layer][kv_head]  # [Hq, M]
         # A prefill chunk ranks the centroids by its last query, the one whose attention
         # predicts the next token (e.g. the end of a question after a long document); the
         # best logit over all of the chunk's queries spread the budget over what any of them
@@ -179,7 +181,7 @@ class RecallSelector(SlotSelector):
         order = torch.topk(score, min(self.budget, score.shape[1]), dim=-1).indices
         fits = torch.cumsum(sizes.gather(1, order), dim=1) <= self.budget
         chosen = torch.zeros(score.shape, dtype=torch.bool, device=dev).scatter_(1, order, fits)
-        member = index.member[layer_id - self.first_layer].to(dev)[kv_head]  # [Hq, T]
+        member = index.member[layer_id - self.first_layer][kv_head]  # [Hq, T]
         recalled = chosen.gather(1, member)  # [Hq, T]
         take = min(self.budget, member.shape[1])
         pick = torch.topk(recalled.to(torch.int8), take, dim=1).indices
@@ -188,5 +190,5 @@ class RecallSelector(SlotSelector):
         self.recalled_tokens += int(live.sum())
         return Selection(
             slots=row, log_weight=log_w,
-            host_slots=index.host_slots.to(dev)[pick],
+            host_slots=index.host_slots[pick],
             host_log_weight=torch.zeros(live.shape, device=dev).masked_fill(~live, float("-inf")))
