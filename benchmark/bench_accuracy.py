@@ -174,18 +174,22 @@ PASSKEY_DIGITS_REGEX = " [0-9]{5}"
 PASSKEY_FORMATS: dict[str, Optional[str]] = {"passkey": None, "passkey_digits": PASSKEY_DIGITS_REGEX}
 
 
+def passkey_keys(context_len: int, num_keys: int, seed: int) -> list[tuple[int, float]]:
+    """The passkey task's (key, depth) cases for one context length: ``num_keys`` keys at
+    evenly spread depths, drawn from ``seed``."""
+    rng = random.Random(seed + context_len)
+    return [(rng.randint(10000, 99999), (i + 0.5) / num_keys) for i in range(num_keys)]
+
+
 def run_passkey(engine: Engine, context_len: int, num_keys: int, seed: int,
                 regex: Optional[str] = None) -> dict[str, Any]:
     """Greedy passkey answers; with ``regex``, the answer is constrained to it (the same
     prompts and keys), which takes the answer's format out of what is scored."""
-    rng = random.Random(seed + context_len)
     hits, cases = 0, []
     params: dict[str, Any] = {"temperature": 0, "max_new_tokens": 10}
     if regex is not None:
         params["regex"] = regex
-    for i in range(num_keys):
-        key = rng.randint(10000, 99999)
-        depth = (i + 0.5) / num_keys
+    for key, depth in passkey_keys(context_len, num_keys, seed):
         prompt = passkey_prompt(engine.tokenizer, key, context_len, depth)
         out, peak = peak_slots_during(engine, lambda: engine.generate(prompt, params))
         ok = str(key) in out["text"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from typing import Any, Optional
 
 import bench_accuracy as ba
@@ -59,21 +58,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--num-threads", type=int, default=None)
     args = parser.parse_args(argv)
     ba.NUM_THREADS = args.num_threads
-    rng = random.Random(args.seed + args.context_len)  # bench_accuracy's keys
-    keys = [rng.randint(10000, 99999) for _ in range(args.num_keys)]
+    keys = ba.passkey_keys(args.context_len, args.num_keys, args.seed)
     cases = args.cases if args.cases is not None else list(range(args.num_keys))
     rows = []
     for spec in args.policies:
         engine = ba.make_engine(ba.parse_policy(spec), args.context_len, args.model_path)
         try:
-            for i in cases:
-                depth = (i + 0.5) / args.num_keys
+            for key, depth in (keys[i] for i in cases):
                 greedy, lps = first_token_logprobs(
-                    engine, passkey_prompt(engine.tokenizer, keys[i], args.context_len, depth),
+                    engine, passkey_prompt(engine.tokenizer, key, args.context_len, depth),
                     args.top)
                 space, the = (lps.get(c) for c in CANDIDATES)
                 row = {"policy": spec, "context_len": args.context_len, "seed": args.seed,
-                       "depth": round(depth, 3), "key": keys[i], "greedy": greedy,
+                       "depth": round(depth, 3), "key": key, "greedy": greedy,
                        "logprob_space": _rounded(space), "logprob_the": _rounded(the),
                        "margin": None if space is None or the is None else round(space - the, 3)}
                 rows.append(row)

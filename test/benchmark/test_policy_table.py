@@ -65,4 +65,3 @@ def test_passkey_rows_report_peak_device_slots(tiny_llama_dir: str) -> None:
     # Chelsea keep 0.25 on 32-token chunks: 4 sinks raw, one recent chunk and the partial
     # chunk raw, the rest at 8 slots per chunk.
     assert peaks[1] < 0.5 * peaks[0]
-
