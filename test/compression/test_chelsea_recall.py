@@ -114,3 +114,26 @@ def test_a_recalled_centroid_brings_all_its_members_within_the_budget(
     finally:
         engine.shutdown()
     assert checked and sum(checked) > 0
+
+
+def test_recall_512_keeps_needles_that_keep_0_1_alone_loses(default_model_path: str) -> None:
+    """The README's setting for a quarter of the device memory (keep 0.1, 5 raw chunks,
+    recall 512), with the question prefilled over the compressed prompt: needles before its
+    raw window are answered, and the same cache without recall loses them."""
+    cases = [(47856, 0.1), (75471, 0.3)]
+
+    def answers(recall: int) -> list[bool]:
+        engine = Engine(model_path=default_model_path, max_total_tokens=4000,
+                        log_level="warning", kv_compression="chelsea", chelsea_keep_ratio=0.1,
+                        chelsea_recent_chunks=5, chelsea_recall_budget=recall,
+                        chunked_prefill_size=128)
+        try:
+            params = {"temperature": 0, "max_new_tokens": 8}
+            return [str(key) in engine.generate(
+                        passkey_prompt(engine.tokenizer, key, 2048, depth), params)["text"]
+                    for key, depth in cases]
+        finally:
+            engine.shutdown()
+
+    assert answers(512) == [True, True]
+    assert answers(0) == [False, False]
